@@ -1,0 +1,1 @@
+"""leanlm: efficient LLMs."""

@@ -1,0 +1,203 @@
+"""ModelConfig: one dataclass for every Llama-family variant leanlm runs.
+
+Variants (GQA, RoPE scaling, sliding window, biases, q/k norm, per-layer sizes after structured
+pruning) are fields here, never separate model files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from leanlm.errors import LeanLMError
+
+# model_type -> defaults that differ from plain Llama
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"attention_bias": True, "attention_out_bias": False},
+    "qwen3": {"qk_norm": True},
+}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": ..., "factor": ..., ...} as transformers reads it
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections
+    attention_out_bias: bool = False  # bias on o_proj (Llama's attention_bias sets both)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    # Per-layer shapes, set by structured pruning; None means uniform.
+    layer_num_heads: list[int] | None = None
+    layer_num_kv_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        if self.num_heads % self.num_kv_heads:
+            raise LeanLMError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        rt = self.rope_type
+        if rt not in ROPE_TYPES:
+            raise LeanLMError(f"unsupported RoPE scaling type {rt!r}; supported: {', '.join(ROPE_TYPES)}")
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    def heads(self, layer: int) -> tuple[int, int]:
+        nh = self.layer_num_heads[layer] if self.layer_num_heads else self.num_heads
+        nkv = self.layer_num_kv_heads[layer] if self.layer_num_kv_heads else self.num_kv_heads
+        return nh, nkv
+
+    def intermediate(self, layer: int) -> int:
+        return self.layer_intermediate_size[layer] if self.layer_intermediate_size else self.intermediate_size
+
+    @property
+    def uniform(self) -> bool:
+        """True when every layer has the same shapes (so a transformers config can describe it)."""
+        lists = [self.layer_num_heads, self.layer_num_kv_heads, self.layer_intermediate_size]
+        return all(v is None or len(set(v)) <= 1 for v in lists)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # ---- transformers config.json ----
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in FAMILIES:
+            raise LeanLMError(
+                f"{source}: unsupported architecture model_type={mt!r}; leanlm runs {', '.join(FAMILIES)}"
+            )
+        try:
+            rope = dict(d.get("rope_scaling") or {})
+            params = d.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+            theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
+            if params:
+                rope = {k: v for k, v in params.items() if k != "rope_theta"}
+            if rope.get("rope_type", rope.get("type")) in (None, "default"):
+                rope = None
+            fam = FAMILIES[mt]
+            # Qwen2 always has q/k/v bias (transformers hard-codes it); others follow attention_bias.
+            bias = True if mt == "qwen2" else bool(d.get("attention_bias", False))
+            out_bias = bias if mt in ("llama", "mistral", "qwen3") else fam.get("attention_out_bias", False)
+            sliding = d.get("sliding_window")
+            if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+                sliding = None
+            eos = d.get("eos_token_id")
+            cfg = cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=int(d["hidden_size"]),
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=int(d["num_attention_heads"]),
+                num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+                head_dim=d.get("head_dim"),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta),
+                rope_scaling=rope,
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bias,
+                attention_out_bias=out_bias,
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                qk_norm=fam.get("qk_norm", False),
+                sliding_window=sliding,
+                hidden_act=d.get("hidden_act", "silu"),
+                model_type=mt,
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=[] if eos is None else eos,
+                pad_token_id=d.get("pad_token_id"),
+                layer_num_heads=d.get("leanlm_layer_num_heads"),
+                layer_num_kv_heads=d.get("leanlm_layer_num_kv_heads"),
+                layer_intermediate_size=d.get("leanlm_layer_intermediate_size"),
+            )
+        except KeyError as e:
+            raise LeanLMError(f"{source}: missing required field {e.args[0]!r}; is this a transformers config.json?")
+        except (TypeError, ValueError) as e:
+            raise LeanLMError(f"{source}: malformed field ({e}); fix or regenerate the file")
+        if cfg.hidden_act not in ("silu", "swish"):
+            raise LeanLMError(f"{source}: unsupported hidden_act {cfg.hidden_act!r}; leanlm runs SwiGLU (silu)")
+        return cfg
+
+    def to_hf(self, dtype: str = "float32") -> dict:
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        eos = self.eos_token_id[0] if len(self.eos_token_id) == 1 else (self.eos_token_id or None)
+        d = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": self.hidden_act,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": dtype,
+        }
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "llama" and self.attention_bias != self.attention_out_bias:
+            raise LeanLMError("llama config cannot express q/k/v bias without o_proj bias")
+        if not self.uniform:
+            d["leanlm_layer_num_heads"] = self.layer_num_heads
+            d["leanlm_layer_num_kv_heads"] = self.layer_num_kv_heads
+            d["leanlm_layer_intermediate_size"] = self.layer_intermediate_size
+        return d
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise LeanLMError(f"{folder}: no config.json; pass a Hugging Face model folder or a .gguf file")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LeanLMError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}")
+    if not isinstance(d, dict):
+        raise LeanLMError(f"{path}: expected a JSON object")
+    return ModelConfig.from_hf(d, source=str(path))

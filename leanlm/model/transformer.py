@@ -1,0 +1,225 @@
+"""The one decoder: Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2 are config fields of this file.
+
+Module names mirror transformers' (model.layers.N.self_attn.q_proj, ...) so Hugging Face
+checkpoints load with an identity key map. The KV cache is an argument of forward, never state
+inside the layers: anything with begin/update/end (KVCache here, the engine's paged cache) works.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanlm.model.config import ModelConfig
+from leanlm.model.rope import RopeTable, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference, then cast back before the weight.
+        dt = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dt)
+
+
+class KVCache:
+    """Static cache: K/V preallocated for max_len positions, written in place, no per-token allocation.
+
+    Rows may be left-padded: `valid[b, j]` says whether slot j of row b holds a real token.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32,
+                 valid: torch.Tensor | None = None, device="cpu"):
+        self.k, self.v = [], []
+        for i in range(cfg.num_layers):
+            nkv = cfg.heads(i)[1]
+            self.k.append(torch.zeros(batch, nkv, max_len, cfg.head_dim, dtype=dtype, device=device))
+            self.v.append(torch.zeros(batch, nkv, max_len, cfg.head_dim, dtype=dtype, device=device))
+        self.batch, self.max_len, self.length, self.pending = batch, max_len, 0, 0
+        self.valid = None
+        if valid is not None:
+            self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+            self.valid[:, : valid.shape[1]] = valid
+            self.valid[:, valid.shape[1]:] = True
+
+    def begin(self, T: int, positions: torch.Tensor | None, window: int | None):
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
+        self.pending = T
+        if positions is None:
+            if self.valid is None:
+                positions = torch.arange(start, end).unsqueeze(0).expand(self.batch, T)
+            else:  # position = number of real tokens before this slot
+                positions = (self.valid[:, :end].long().cumsum(-1) - 1).clamp_min(0)[:, start:end]
+        return positions, self._mask(start, T, window)
+
+    def _mask(self, start: int, T: int, window: int | None):
+        end = start + T
+        windowed = window is not None and end > window
+        if self.valid is None and not windowed:
+            if T == 1:
+                return None  # one query sees every cached key
+            if start == 0:
+                return "causal"
+        q = torch.arange(start, end).unsqueeze(1)
+        k = torch.arange(end).unsqueeze(0)
+        m = k <= q
+        if windowed:
+            m = m & (q - k < window)
+        m = m.unsqueeze(0)
+        if self.valid is not None:
+            # pad queries attend to themselves only, so no row is empty (no NaN); real queries skip pads
+            m = m & (self.valid[:, None, :end] | (k == q).unsqueeze(0))
+        return m.unsqueeze(1)  # [B or 1, 1, T, end]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        s, e = self.length, self.length + self.pending
+        self.k[layer][:, :, s:e] = k
+        self.v[layer][:, :, s:e] = v
+        return self.k[layer][:, :, :e], self.v[layer][:, :, :e]
+
+    def end(self):
+        self.length += self.pending
+        self.pending = 0
+
+
+def attention(q, k, v, mask) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, Hkv, L, D]; mask: None (all), "causal", or bool [B|1, 1, T, L]."""
+    groups = q.shape[1] // k.shape[1]
+    B, H, T, D = q.shape
+    if mask is None and groups > 1:
+        # Decode-style: fold the query heads of a KV group into the row dimension (no K/V repeat).
+        Hkv = k.shape[1]
+        qg = q.reshape(B, Hkv, groups * T, D)
+        y = F.scaled_dot_product_attention(qg, k, v)
+        return y.reshape(B, H, T, D)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        nh, nkv = cfg.heads(layer)
+        hd = cfg.head_dim
+        self.nh, self.nkv, self.hd, self.layer = nh, nkv, hd, layer
+        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=cfg.attention_out_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        inter = cfg.intermediate(layer)
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Causal LM. forward(input_ids [B, T], cache=None, positions=None) -> logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RopeTable(cfg)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor | None = None, cache=None, positions: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, last_only: bool = False,
+                return_hidden: bool = False) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        window = self.config.sliding_window
+        if cache is not None:
+            positions, mask = cache.begin(T, positions, window)
+        else:
+            if positions is None:
+                positions = torch.arange(T, device=x.device).unsqueeze(0)
+            mask = "causal"
+            if window is not None and T > window:
+                i = torch.arange(T)
+                mask = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
+        max_pos = int(positions.max()) if positions.numel() else 0
+        cos, sin = self.rope.lookup(positions, max_pos, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.end()
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x)
+
+    def new_cache(self, batch: int, max_len: int, valid: torch.Tensor | None = None) -> KVCache:
+        return KVCache(self.config, batch, max_len, dtype=self.dtype, valid=valid,
+                       device=self.model.norm.weight.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
