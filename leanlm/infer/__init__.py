@@ -1,0 +1,1 @@
+"""Inference: KV caches (static, paged, evicting), sampling, generation, engine, speculative decoding."""

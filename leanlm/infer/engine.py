@@ -1,0 +1,309 @@
+"""Continuous-batching engine over a paged KV cache (Orca, vLLM, SARATHI), token ids only.
+
+Each `step()` schedules up to `max_batch_tokens` new tokens, first come first served: running
+sequences first (one decode token each, or the next chunk of an unfinished prefill), then waiting
+requests (their prompt in chunks). Requests join and leave between steps. When a running sequence
+needs a block and none is free, the most recently arrived running sequence is preempted: its blocks
+are released and it is re-queued at the front to be recomputed (prompt + tokens generated so far).
+Full blocks are registered by content hash (the hash chains the whole prefix), so a new request
+whose prompt starts with the same blocks reuses them (prefix caching, ref-counted, LRU eviction).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from leanlm.errors import LeanLMError
+from leanlm.infer.paged import OutOfBlocks, PagedKVCache
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token: int | None  # None when the request ended without a new token (abort)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+
+@dataclass
+class Sequence:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: str = "waiting"
+    finish_reason: str | None = None
+    block_keys: list = field(default_factory=list)  # content keys of the full blocks hashed so far
+    generator: torch.Generator | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_cached_prompt: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [V] fp32 -> token id (greedy, or temperature / top-k / top-p sampling)."""
+    if p.temperature <= 0:
+        return int(logits.argmax())
+    x = logits / p.temperature
+    if p.top_k and p.top_k < x.numel():
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, -math.inf)
+    probs = torch.softmax(x, -1)
+    if p.top_p < 1.0:
+        sp, idx = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < p.top_p  # smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sp[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    """engine.add_request(ids, SamplingParams()) then engine.step() until not has_unfinished()."""
+
+    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
+                 max_batch_tokens: int = 256, max_num_seqs: int = 32, prefix_caching: bool = True,
+                 eos_ids: tuple[int, ...] = (), max_model_len: int | None = None):
+        cfg = model.config
+        self.model, self.cfg = model, cfg
+        self.block_size = block_size
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        if num_blocks is None:  # room for max_num_seqs full contexts, capped at ~1 GiB of K/V
+            per_tok = sum(2 * cfg.heads(i)[1] * cfg.head_dim for i in range(cfg.num_layers))
+            per_tok *= torch.finfo(model.dtype).bits // 8
+            want = max_num_seqs * -(-self.max_model_len // block_size)
+            num_blocks = max(4, min(want, (1 << 30) // (per_tok * block_size)))
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=model.dtype,
+                                  device=model.model.norm.weight.device)
+        self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
+        self.prefix_caching = prefix_caching
+        self.eos_ids = tuple(eos_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0, prefix_hit_tokens=0,
+                          preemptions=0, requests_finished=0, batch_tokens=0)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not prompt:
+            raise LeanLMError("engine: empty prompt; pass at least one token id")
+        if len(prompt) >= self.max_model_len:
+            raise LeanLMError(f"engine: prompt has {len(prompt)} tokens, the context holds "
+                              f"{self.max_model_len}; shorten the prompt")
+        if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
+            raise LeanLMError(f"engine: token id out of range [0, {self.cfg.vocab_size})")
+        if params.max_tokens < 1:
+            raise LeanLMError("engine: max_tokens must be at least 1")
+        total_blocks = -(-min(len(prompt) + params.max_tokens, self.max_model_len) // self.block_size)
+        if total_blocks > self.cache.num_blocks:
+            raise LeanLMError(f"engine: request needs {total_blocks} KV blocks, the cache has "
+                              f"{self.cache.num_blocks}; lower max_tokens or raise num_blocks")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise LeanLMError(f"engine: request id {rid!r} already in use")
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        seq = Sequence(rid, list(prompt), params, time.perf_counter(), generator=gen)
+        self.seqs[rid] = seq
+        self.waiting.append(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status == "finished":
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status == "running":
+            self.running.remove(seq)
+        elif seq.status == "waiting":
+            self.waiting.remove(seq)
+        if seq.id in self.cache.tables:
+            self.cache.free_sequence(seq.id)
+        seq.status, seq.finish_reason, seq.finish_time = "finished", reason, time.perf_counter()
+        self.seqs.pop(seq.id, None)
+        self.stats["requests_finished"] += 1
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.free_sequence(seq.id)
+        seq.num_computed, seq.block_keys, seq.status = 0, [], "waiting"
+        seq.num_preemptions += 1
+        self.stats["preemptions"] += 1
+        self.waiting.appendleft(seq)
+
+    # ---- prefix cache -------------------------------------------------------------------------
+    def _key(self, seq: Sequence, i: int):
+        toks = seq.tokens[i * self.block_size:(i + 1) * self.block_size]
+        parent = hash(seq.block_keys[i - 1]) if i else None
+        return (parent, tuple(toks))
+
+    def _admit(self, seq: Sequence) -> None:
+        """Give a waiting sequence a block table, sharing cached prefix blocks when possible."""
+        shared = []
+        if self.prefix_caching:
+            # keep at least one token to compute: its logits give the next token
+            for i in range((len(seq.tokens) - 1) // self.block_size):
+                key = self._key(seq, i)
+                b = self.cache.alloc.lookup(key)
+                if b is None:
+                    break
+                shared.append(b)
+                seq.block_keys.append(key)
+        seq.num_computed = len(shared) * self.block_size
+        if seq.num_preemptions == 0:
+            seq.num_cached_prompt = seq.num_computed
+            self.stats["prefix_hit_tokens"] += seq.num_computed
+        self.cache.add_sequence(seq.id, shared, seq.num_computed)
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        if not self.prefix_caching:
+            return
+        table = self.cache.tables[seq.id]
+        for i in range(len(seq.block_keys), seq.num_computed // self.block_size):
+            key = self._key(seq, i)
+            seq.block_keys.append(key)
+            self.cache.alloc.register(table[i], key)
+
+    # ---- scheduling ---------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        budget, batch = self.max_batch_tokens, []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            while True:
+                try:
+                    self.cache.ensure(seq.id, seq.num_computed + n)
+                    break
+                except OutOfBlocks:
+                    victim = self.running[-1]  # latest arrival loses its blocks (FCFS priority)
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+            if seq.status != "running":
+                break  # seq itself was the last running one; nothing after it remains
+            batch.append((seq, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self._admit(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            try:
+                self.cache.ensure(seq.id, seq.num_computed + n)
+            except OutOfBlocks:
+                self.cache.free_sequence(seq.id)
+                seq.num_computed, seq.block_keys = 0, []
+                break
+            self.waiting.popleft()
+            seq.status = "running"
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        batch = self._schedule()
+        if not batch:
+            if self.waiting and not self.running:
+                seq = self.waiting[0]
+                raise LeanLMError(f"engine: request {seq.id} does not fit in {self.cache.num_blocks} KV blocks")
+            return []
+        layout = "rows" if all(n == 1 for _, n in batch) else "packed"
+        B, T = self.cache.prepare([(s.id, n) for s, n in batch], layout)
+        if layout == "packed":
+            ids = torch.tensor([t for s, n in batch for t in s.tokens[s.num_computed:s.num_computed + n]])[None]
+        else:
+            ids = torch.tensor([[s.tokens[s.num_computed]] for s, _ in batch])
+        qi = self.cache.query_index()
+        hidden = self.model(ids.to(self.cache.device), cache=self.cache, return_hidden=True)
+        hidden = hidden.reshape(B * T, -1)[qi.to(hidden.device)]
+        self.stats["steps"] += 1
+        self.stats["batch_tokens"] += sum(n for _, n in batch)
+        outs = []
+        now = time.perf_counter()
+        sampling = []
+        for j, (seq, n) in enumerate(batch):
+            seq.num_computed += n
+            self._register_blocks(seq)
+            if seq.num_computed == len(seq.tokens):
+                sampling.append(j)
+        if not sampling:
+            return outs
+        logits = self.model.lm_head(hidden[sampling]).float()
+        for row, j in enumerate(sampling):
+            seq = batch[j][0]
+            p = seq.params
+            tok = sample_next(logits[row], p, seq.generator)
+            lp, top = None, None
+            if p.logprobs is not None:
+                logp = torch.log_softmax(logits[row], -1)
+                lp = float(logp[tok])
+                if p.logprobs > 0:
+                    v, ix = logp.topk(min(p.logprobs, logp.numel()))
+                    top = list(zip(ix.tolist(), v.tolist()))
+            if not seq.output:
+                self.stats["prompt_tokens"] += len(seq.prompt)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.output.append(tok)
+            self.stats["generation_tokens"] += 1
+            reason = None
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                reason = "stop"
+            elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+                reason = "length"
+            if reason:
+                self._finish(seq, reason)
+            outs.append(StepOutput(seq.id, tok, lp, top, reason is not None, reason))
+        return outs
+
+    # ---- convenience --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[int]]:
+        """Run prompts to completion together; returns the generated ids of each prompt."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        out: dict[str, list[int]] = {r: [] for r in rids}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.token is not None:
+                    out[o.request_id].append(o.token)
+        return [out[r] for r in rids]
