@@ -1,0 +1,216 @@
+"""LoRA, rsLoRA, DoRA and LoRA-FA as an in-place transform: `apply_lora(model, LoraConfig(...))`.
+
+A target nn.Linear (or any module with `.weight`/`dequantize()`, e.g. an NF4 linear for QLoRA) is
+replaced by `LoraLinear`, which keeps the original as `base_layer` and adds `lora_A`/`lora_B`
+(and `lora_magnitude_vector` for DoRA). The names and the maths follow HF peft exactly, so an
+adapter moves between peft and leanlm unchanged (see leanlm/peft/io.py).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanlm.errors import LeanLMError
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # A list matches module names by suffix ("q_proj" matches model.layers.0.self_attn.q_proj);
+    # a string is a regex that must match the full module name (peft's rules).
+    target_modules: list[str] | str = field(default_factory=lambda: list(ALL_LINEAR))
+    use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # weight-decomposed: magnitude vector times normalised direction
+    freeze_a: bool = False  # LoRA-FA: A stays at its random init, only B trains
+    init: str = "kaiming"  # kaiming (peft's default) | gaussian | loftq
+    loftq_bits: int = 4
+    loftq_iters: int = 1
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense weight of a base layer: nn.Linear's own, or a quantized module's dequantization."""
+    if hasattr(layer, "dequantize"):
+        return layer.dequantize()
+    return layer.weight
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, cfg: LoraConfig):
+        super().__init__()
+        w = base_weight(base)
+        out_f, in_f = w.shape
+        self.base_layer = base
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.scaling, self.use_dora = cfg.r, cfg.scaling, cfg.use_dora
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        dt = w.dtype if w.dtype.is_floating_point else torch.float32
+        self.lora_A = nn.Linear(in_f, cfg.r, bias=False, dtype=dt)
+        self.lora_B = nn.Linear(cfg.r, out_f, bias=False, dtype=dt)
+        if cfg.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if cfg.freeze_a:
+            self.lora_A.weight.requires_grad_(False)
+        if cfg.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm().detach().clone())
+        self.merged = False
+        self.disabled = False
+        self._merged_norm = None
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def weight_norm(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Row norms of W + scaling * B A (DoRA's ||V + dV||_c, treated as a constant in backward)."""
+        w = base_weight(self.base_layer)
+        d = self.delta_weight() if delta is None else delta
+        return torch.linalg.norm(w + d.to(w.dtype), dim=1).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        if not self.use_dora:
+            return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # DoRA as peft computes it: y + (m/||W+dW|| - 1) * W x + m/||W+dW|| * s * B A x
+        w = base_weight(self.base_layer)
+        lora_w = (self.lora_B.weight @ self.lora_A.weight).detach()
+        norm = torch.linalg.norm(w + self.scaling * lora_w.to(w.dtype), dim=1).to(w.dtype).detach()
+        scale = (self.lora_magnitude_vector / norm).view(1, -1)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = y
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base = base - bias
+        else:
+            x = self.lora_dropout(x)
+            base = F.linear(x, w.to(x.dtype))
+        lora = self.lora_B(self.lora_A(x))
+        return y + (scale - 1) * base + scale * lora * self.scaling
+
+    # ---- merge ----
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (a quantized base is dequantized, merged, requantized)."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            w = base_weight(self.base_layer)
+            delta = self.delta_weight().to(w.dtype)
+            if self.use_dora:
+                norm = self.weight_norm(delta).detach()
+                self._merged_norm = norm
+                new = (self.lora_magnitude_vector / norm).view(-1, 1) * (w + delta)
+            else:
+                new = w + delta
+            self._set_base(new.to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        with torch.no_grad():
+            w = base_weight(self.base_layer)
+            delta = self.delta_weight().to(w.dtype)
+            if self.use_dora:
+                new = w / (self.lora_magnitude_vector / self._merged_norm).view(-1, 1) - delta
+            else:
+                new = w - delta
+            self._set_base(new.to(w.dtype))
+        self.merged = False
+
+    def _set_base(self, new: torch.Tensor) -> None:
+        if hasattr(self.base_layer, "requantize"):
+            self.base_layer.requantize(new)
+        else:
+            self.base_layer.weight.data.copy_(new)
+
+
+def target_names(model: nn.Module, targets, kinds=(nn.Linear,)) -> list[str]:
+    names = []
+    for name, mod in model.named_modules():
+        if name.endswith("lm_head") and isinstance(targets, list) and "lm_head" not in targets:
+            continue  # tied to the embedding in most small models; adapt it only when named
+        if matches(name, targets) and (isinstance(mod, kinds) or hasattr(mod, "dequantize")):
+            names.append(name)
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze_base(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Freeze the model and put a LoRA (DoRA, LoRA-FA) adapter on each target linear, in place."""
+    if cfg.r < 1:
+        raise LeanLMError(f"LoRA rank must be at least 1, got {cfg.r}")
+    names = target_names(model, cfg.target_modules)
+    if not names:
+        raise LeanLMError(f"no module matches target_modules={cfg.target_modules!r}; "
+                          f"use names like {', '.join(ALL_LINEAR[:3])} or a full-name regex")
+    freeze_base(model)
+    for name in names:
+        base = model.get_submodule(name)
+        if isinstance(base, LoraLinear):
+            raise LeanLMError(f"{name} already has a LoRA adapter; merge or remove it first")
+        layer = LoraLinear(base, cfg)
+        if cfg.init == "loftq":
+            from leanlm.peft.loftq import loftq_init
+            loftq_init(layer, bits=cfg.loftq_bits, iters=cfg.loftq_iters)
+        replace_module(model, name, layer)
+    model.peft_config = cfg
+    return model
+
+
+def lora_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    for _, m in lora_layers(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove the adapters (merging them first unless merge=False): the plain model comes back."""
+    for name, m in lora_layers(model):
+        if merge:
+            m.merge()
+        elif m.merged:
+            m.unmerge()
+        replace_module(model, name, m.base_layer)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
