@@ -69,7 +69,7 @@ def attention_group_importance(attn, o_input_sq: torch.Tensor | None, kind: str,
     for g in range(attn.nkv):
         qs, kvs = _group_cols(attn, g), _kv_rows(attn, g)
         if kind == "taylor":
-            s = sum(float((p[idx] * grads[p][idx]).abs().sum()) for p, idx in (
+            s = sum(float((p.detach()[idx] * grads[p][idx]).abs().sum()) for p, idx in (
                 (attn.q_proj.weight, qs), (attn.k_proj.weight, kvs), (attn.v_proj.weight, kvs),
                 (attn.o_proj.weight, (slice(None), qs))))
         else:
