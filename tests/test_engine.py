@@ -166,3 +166,16 @@ def test_bad_requests(model):
         eng.add_request([1000])
     with pytest.raises(LeanLMError):
         eng.add_request([1] * 10, SamplingParams(max_tokens=100))  # needs more blocks than exist
+
+
+def test_matches_plain_generation_sampled(model):
+    """Seeded sampling (temperature, top-k, top-p, repetition penalty) equals the static-cache generate loop."""
+    from leanlm.infer.generate import generate_tokens
+    from leanlm.infer.sampling import GenerationConfig
+
+    eng = Engine(model, block_size=4, num_blocks=64)
+    for i, p in enumerate(prompts(3, seed=10)):
+        kw = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=100 + i)
+        ref = [s[0] for s in generate_tokens(model, [p], GenerationConfig(max_new_tokens=10, **kw))]
+        got = eng.generate([p], SamplingParams(max_tokens=10, **kw))[0]
+        assert got == ref

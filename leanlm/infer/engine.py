@@ -11,7 +11,6 @@ whose prompt starts with the same blocks reuses them (prefix caching, ref-counte
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.infer.paged import OutOfBlocks, PagedKVCache
+from leanlm.infer.sampling import SamplingConfig, select
 
 
 @dataclass
@@ -32,6 +32,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
+    repetition_penalty: float = 1.0
+
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed)
 
 
 @dataclass
@@ -66,20 +71,15 @@ class Sequence:
         return self.prompt + self.output
 
 
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [V] fp32 -> token id (greedy, or temperature / top-k / top-p sampling)."""
-    if p.temperature <= 0:
-        return int(logits.argmax())
-    x = logits / p.temperature
-    if p.top_k and p.top_k < x.numel():
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, -math.inf)
-    probs = torch.softmax(x, -1)
-    if p.top_p < 1.0:
-        sp, idx = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < p.top_p  # smallest set whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sp[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+                seen: list[int] | None = None) -> int:
+    """logits [V] -> token id, with the shared sampler (leanlm.infer.sampling)."""
+    cfg = p.sampling_config()
+    mask = None
+    if cfg.repetition_penalty != 1.0 and seen:
+        mask = torch.zeros(1, logits.numel(), dtype=torch.bool)
+        mask[0, seen] = True
+    return int(select(logits[None], cfg, generator, mask)[0])
 
 
 class Engine:
@@ -271,7 +271,7 @@ class Engine:
         for row, j in enumerate(sampling):
             seq = batch[j][0]
             p = seq.params
-            tok = sample_next(logits[row], p, seq.generator)
+            tok = sample_next(logits[row], p, seq.generator, seq.tokens)
             lp, top = None, None
             if p.logprobs is not None:
                 logp = torch.log_softmax(logits[row], -1)
