@@ -1,0 +1,262 @@
+"""The one training loop (fine-tuning now; distillation and pre-training reuse it through `loss_fn`).
+
+bf16 autocast on CPU, gradient checkpointing, gradient accumulation, AdamW / Lion / SGD / MeZO,
+warmup + cosine, periodic evaluation, atomic checkpoints with exact resume (trainable parameters,
+optimizer, RNG, data position; the schedule is a function of the step), a rich progress bar with
+loss and tokens/s, and a JSONL log.
+
+Data is a list of examples {"input_ids": [...], "labels": [...]} (labels -100 = no loss). Each epoch
+visits them in a permutation drawn from (seed, epoch), so the data position is one integer.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from leanlm.errors import LeanLMError
+from leanlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from leanlm.train.optim import MeZO, lr_at, make_optimizer
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | lion | sgd | mezo
+    betas: list[float] | None = None
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False  # autocast matmuls to bfloat16 on CPU
+    grad_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    out_dir: str | None = None  # checkpoints + log.jsonl
+    seed: int = 0
+    progress: bool = True
+    mezo_eps: float = 1e-3
+    pad_id: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step, this run
+    evals: list[dict] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def collate(examples: list[dict], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example (causal attention never looks right, so no mask is needed)."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+    return ids, labels
+
+
+def micro_batch(data: list[dict], position: int, batch_size: int, seed: int) -> list[dict]:
+    """The examples of micro-batch number `position` (epochs reshuffle with a generator seeded by epoch)."""
+    per_epoch = max(1, len(data) // batch_size)
+    epoch, k = divmod(position, per_epoch)
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return [data[int(i)] for i in perm[k * batch_size:(k + 1) * batch_size]]
+
+
+def lm_head(model):
+    base = getattr(model, "base_model", model)
+    return base.lm_head
+
+
+def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over labelled positions; the vocab projection runs only there."""
+    hidden = model(ids, return_hidden=True)
+    tgt = labels[:, 1:]
+    keep = tgt != IGNORE
+    n = int(keep.sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    h = hidden[:, :-1][keep]
+    logits = lm_head(model)(h).float()
+    return F.cross_entropy(logits, tgt[keep]), n
+
+
+def enable_grad_checkpointing(model) -> None:
+    """Recompute each block's activations in backward instead of storing them."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.model.layers:
+        if getattr(block, "_leanlm_ckpt", False):
+            continue
+        fwd = block.forward
+
+        def run(*args, _fwd=fwd, **kw):
+            if torch.is_grad_enabled():
+                return checkpoint(_fwd, *args, use_reentrant=False, **kw)
+            return _fwd(*args, **kw)
+
+        block.forward = functools.wraps(fwd)(run)
+        block._leanlm_ckpt = True
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: list[dict], batch_size: int, bf16: bool = False, pad_id: int = 0) -> float:
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        ids, labels = collate(data[i:i + batch_size], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, n = causal_lm_loss(model, ids, labels)
+        total += float(loss) * n
+        count += n
+    model.train(was)
+    return total / max(count, 1)
+
+
+def _rewind_log(log: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint by the interrupted run."""
+    if not log.exists():
+        return
+    keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    log.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | None = None,
+          resume: bool | str = False, loss_fn=None, callback=None) -> TrainResult:
+    """Train the parameters of `model` that require grad. Returns losses, evals, throughput, peak RSS.
+
+    resume: True = continue from the latest checkpoint in cfg.out_dir (if any); a path = that checkpoint.
+    loss_fn(model, ids, labels) -> (loss, n_tokens) replaces the causal-LM loss (distillation).
+    callback(step, loss) runs after every optimizer step (a test uses it to simulate a crash).
+    """
+    if not data:
+        raise LeanLMError("no training examples; check the data file")
+    loss_fn = loss_fn or causal_lm_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LeanLMError("the model has no trainable parameters; apply a fine-tuning method first")
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    mezo = cfg.optimizer == "mezo"
+    if mezo:
+        opt = MeZO(params, lr=cfg.lr, eps=cfg.mezo_eps, weight_decay=cfg.weight_decay)
+    else:
+        opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.betas)
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    log = out / "log.jsonl" if out else None
+    step, position = 0, 0
+    torch.manual_seed(cfg.seed)
+    if resume:
+        ck = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else (
+            latest_checkpoint(out) if out else None)
+        if ck is not None:
+            st = load_checkpoint(ck, model, opt)
+            step, position = st["step"], st["position"]
+            if log:
+                _rewind_log(log, step)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    res = TrainResult(steps=step)
+    model.train()
+    t0 = time.perf_counter()
+    bar = None
+    if cfg.progress:
+        from leanlm.report import progress
+        bar = progress()
+        bar.start()
+        task = bar.add_task("training", total=cfg.max_steps, completed=step)
+    try:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            ts = time.perf_counter()
+            tokens = 0
+            if mezo:
+                batch = micro_batch(data, position, cfg.batch_size, cfg.seed)
+                ids, labels = collate(batch, cfg.pad_id)
+                position += 1
+                tokens = int((labels != IGNORE).sum())
+                seed = int(torch.randint(0, 2**31 - 1, (1,)))
+
+                def closure():
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                        return loss_fn(model, ids, labels)[0]
+                loss_val = opt.step(closure, seed)
+            else:
+                loss_val = 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = micro_batch(data, position, cfg.batch_size, cfg.seed)
+                    ids, labels = collate(batch, cfg.pad_id)
+                    position += 1
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss, n = loss_fn(model, ids, labels)
+                    (loss / cfg.grad_accum).backward()
+                    loss_val += float(loss.detach()) / cfg.grad_accum
+                    tokens += n
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - ts
+            res.losses.append(loss_val)
+            res.tokens += tokens
+            rec = {"step": step, "loss": round(loss_val, 6), "lr": lr, "tokens": tokens,
+                   "tok_per_s": round(tokens / dt, 1) if dt else 0.0, "step_s": round(dt, 4)}
+            if cfg.eval_every and eval_data and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                rec["eval_loss"] = evaluate_loss(model, eval_data, cfg.batch_size, cfg.bf16, cfg.pad_id)
+                res.evals.append({"step": step, "eval_loss": rec["eval_loss"]})
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.update(task, completed=step,
+                           description=f"loss {loss_val:.4f}  {rec['tok_per_s']:.0f} tok/s")
+            if out and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
+                save_checkpoint(out, model, opt, {"step": step, "position": position, "config": asdict(cfg)},
+                                keep_last=cfg.keep_last)
+            if callback is not None:
+                callback(step, loss_val)
+    finally:
+        if bar is not None:
+            bar.stop()
+    res.steps = step
+    res.seconds = time.perf_counter() - t0
+    res.peak_rss_mb = peak_rss_mb()
+    model.eval()
+    return res
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
