@@ -1,0 +1,1 @@
+"""Compression: quantization (quant/), pruning (prune/), low-rank; one calibration runner, YAML recipes."""

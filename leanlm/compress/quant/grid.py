@@ -1,0 +1,112 @@
+"""Uniform integer grids (RTN's and GPTQ's quantizer), groups of any size, and bit packing.
+
+One representation everywhere: a weight row is cut into groups of `group_size` input columns (the
+last group may be shorter, so any group size works on any width); each group has a scale and an
+offset and dequantizes as `q * scale + offset`, q an unsigned code in [0, 2**bits - 1].
+Symmetric grids have offset = -2**(bits-1) * scale (GPTQ's convention: zero point 2**(bits-1));
+asymmetric grids use the group minimum as offset (a float zero point, like GGUF's Q4_1), so a
+weight that already sits on a Q4_1 grid is reproduced exactly.
+Scales and offsets are rounded to fp16 when computed, so what the solver sees is what is stored.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size)
+
+
+def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """[N, G] per-group values -> [N, K] per-column values (the last group may be shorter)."""
+    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset [N] for the columns of w [N, k] (one group)."""
+    w = w.float()
+    maxq = 2 ** bits - 1
+    if sym:
+        amax = w.abs().amax(dim=1)
+        scale = 2 * amax / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
+        offset = -(2 ** (bits - 1)) * scale
+    else:
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        scale = (hi - lo) / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
+        offset = lo.half().float()
+    return scale, offset
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest codes for w [N, k] given per-row (or [N, k]-broadcast) scale and offset."""
+    if scale.dim() == 1:
+        scale, offset = scale[:, None], offset[:, None]
+    return torch.clamp(torch.round((w.float() - offset) / scale), 0, 2 ** bits - 1)
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool):
+    """Round-to-nearest: codes [N, K] (uint8), scales [N, G], offsets [N, G] (fp32 values of fp16s)."""
+    N, K = w.shape
+    g = group_size if group_size > 0 else K
+    scales, offsets = [], []
+    for start in range(0, K, g):
+        s, o = grid_params(w[:, start:start + g], bits, sym)
+        scales.append(s)
+        offsets.append(o)
+    scales, offsets = torch.stack(scales, 1), torch.stack(offsets, 1)
+    codes = quantize_codes(w, expand_groups(scales, g, K), expand_groups(offsets, g, K), bits)
+    return codes.to(torch.uint8), scales, offsets
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> torch.Tensor:
+    K = codes.shape[1]
+    return codes.float() * expand_groups(scales.float(), group_size, K) + expand_groups(offsets.float(), group_size, K)
+
+
+# ---- bit packing: codes of `bits` bits along the input dimension, little-endian bit stream ----
+
+def packed_width(in_features: int, bits: int) -> int:
+    return math.ceil(in_features * bits / 8) if bits in (1, 2, 4, 8) else math.ceil(in_features / 8) * bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [N, K] in [0, 2**bits) -> uint8 [N, packed_width(K, bits)]. 3 bits: 8 codes in 3 bytes."""
+    N, K = codes.shape
+    c = codes.to(torch.int64)
+    if bits == 8:
+        return c.to(torch.uint8)
+    per = 8 if bits not in (1, 2, 4) else 8 // bits  # codes per chunk
+    nbytes = bits if per == 8 else 1
+    pad = (-K) % per
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.view(N, -1, per)
+    acc = torch.zeros(c.shape[:2], dtype=torch.int64)
+    for i in range(per):
+        acc |= c[:, :, i] << (bits * i)
+    out = torch.stack([(acc >> (8 * j)) & 255 for j in range(nbytes)], -1)
+    return out.reshape(N, -1).to(torch.uint8)[:, : packed_width(K, bits)]
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of pack: uint8 [N, packed_width] -> codes uint8 [N, in_features]."""
+    N = packed.shape[0]
+    if bits == 8:
+        return packed[:, :in_features].to(torch.uint8)
+    per = 8 if bits not in (1, 2, 4) else 8 // bits
+    nbytes = bits if per == 8 else 1
+    p = packed.to(torch.int64)
+    chunks = math.ceil(in_features / per)
+    if p.shape[1] < chunks * nbytes:
+        p = torch.nn.functional.pad(p, (0, chunks * nbytes - p.shape[1]))
+    p = p.view(N, chunks, nbytes)
+    acc = torch.zeros(N, chunks, dtype=torch.int64)
+    for j in range(nbytes):
+        acc |= p[:, :, j] << (8 * j)
+    mask = 2 ** bits - 1
+    c = torch.stack([(acc >> (bits * i)) & mask for i in range(per)], -1)
+    return c.reshape(N, -1)[:, :in_features].to(torch.uint8)

@@ -1,0 +1,242 @@
+"""YAML recipes: a list of steps, each `{method: NAME, <config fields>, targets: [regex], ignore: [regex]}`.
+
+    - method: gptq
+      bits: 4
+      group_size: 128
+      ignore: ['layers\\.(0|29)\\.']
+    - method: rtn
+      bits: 8
+      group_size: 0
+      targets: ['layers\\.(0|29)\\.']
+
+A file may also be a mapping with a `steps:` list. Methods come from plain dicts:
+`leanlm.compress.quant.METHODS`, and when present `leanlm.compress.prune.METHODS` and
+`leanlm.compress.lowrank.METHODS`; each maps a name to `(ConfigDataclass, how)` where `how` is a
+`calibrate.Method` (run block by block by the one runner) or a callable
+`how(model, cfg, modules, samples) -> None` for whole-model transforms. Every step is validated
+against the model (unknown method, unknown field, bad value, target matching nothing) before any
+work starts; errors name the recipe file and line. Targets are regexes searched in module names
+(`model.layers.3.mlp.down_proj`); the default targets every Linear inside the decoder blocks
+(so lm_head and the embedding stay in full precision).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from leanlm.compress.calibrate import Method, Step, run_steps, select_modules
+from leanlm.errors import LeanLMError
+
+DEFAULT_TARGETS = [r"^model\.layers\.\d+\."]
+RECIPE_DIR = Path(__file__).parent / "recipes"
+PATTERN = re.compile(r"^w(\d)a16-([a-z0-9]+)-g(\d+)$")
+RESERVED = ("method", "targets", "ignore")
+
+
+@dataclass
+class RawStep:
+    method: str
+    fields: dict
+    targets: list[str]
+    ignore: list[str]
+    line: int
+    field_lines: dict = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    source: str
+    steps: list[RawStep]
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether any step uses calibration samples (whole-model callables may set needs_data=False)."""
+        reg = registry()
+        return any(getattr(reg[s.method][1], "needs_data", True) for s in self.steps if s.method in reg)
+
+
+def registry() -> dict:
+    from leanlm.compress.quant import METHODS
+
+    reg = dict(METHODS)
+    for mod in ("leanlm.compress.prune", "leanlm.compress.lowrank"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        reg.update(getattr(m, "METHODS", {}) or {})
+    return reg
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _pattern_recipe(name: str) -> Recipe | None:
+    m = PATTERN.match(name)
+    if not m:
+        return None
+    bits, method, g = int(m.group(1)), m.group(2), int(m.group(3))
+    step = RawStep(method, {"bits": bits, "group_size": g}, list(DEFAULT_TARGETS), [], 1)
+    return Recipe(f"recipe name {name!r}", [step])
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in name, a `w{bits}a16-{method}-g{size}` name, or a YAML file path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise LeanLMError(f"{p}: no such recipe file; pass an existing YAML file or a built-in name "
+                              f"({', '.join(builtin_names())}, or w{{bits}}a16-{{method}}-g{{size}})")
+        return parse_recipe(p.read_text(), str(p))
+    builtin = RECIPE_DIR / f"{name_or_path}.yaml"
+    if builtin.exists():
+        return parse_recipe(builtin.read_text(), str(builtin))
+    r = _pattern_recipe(name_or_path)
+    if r is not None:
+        return r
+    raise LeanLMError(f"unknown recipe {name_or_path!r}: not a file, not a built-in "
+                      f"({', '.join(builtin_names())}), and not of the form w{{bits}}a16-{{method}}-g{{size}}")
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise LeanLMError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the recipe")
+    if isinstance(data, dict) and "steps" in data:
+        node = next(v for k, v in root.value if k.value == "steps")
+        data = data["steps"]
+    else:
+        node = root
+    if not isinstance(data, list) or not data:
+        raise LeanLMError(f"{source}: a recipe is a non-empty list of steps ({{method: NAME, ...}}), "
+                          "or a mapping with a 'steps:' list")
+    steps = []
+    for item, n in zip(data, node.value):
+        line = n.start_mark.line + 1
+        if not isinstance(item, dict) or "method" not in item:
+            raise LeanLMError(f"{source}:{line}: each step is a mapping with a 'method:' key")
+        field_lines = {k.value: k.start_mark.line + 1 for k, _ in n.value}
+        targets, ignore = item.get("targets", DEFAULT_TARGETS), item.get("ignore", [])
+        for key, val in (("targets", targets), ("ignore", ignore)):
+            if isinstance(val, str):
+                val = [val]
+            if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+                raise LeanLMError(f"{source}:{field_lines.get(key, line)}: {key} must be a list of regexes")
+            for v in val:
+                try:
+                    re.compile(v)
+                except re.error as e:
+                    raise LeanLMError(f"{source}:{field_lines.get(key, line)}: bad regex {v!r} in {key} ({e})")
+            if key == "targets":
+                targets = val
+            else:
+                ignore = val
+        fields = {k: v for k, v in item.items() if k not in RESERVED}
+        steps.append(RawStep(str(item["method"]), fields, targets, ignore, line, field_lines))
+    return Recipe(source, steps)
+
+
+def _check_type(value, tp) -> bool:
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "bool": bool, "str": str}.get(tp.split(" |")[0].strip(), object)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_check_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def build_config(cls, fields: dict, where, field_lines: dict | None = None):
+    """Instantiate the config dataclass, checking names and types; `where(key)` gives 'file:line'."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for k, v in fields.items():
+        if k not in known:
+            raise LeanLMError(f"{where(k)}: unknown field {k!r} for this method; known fields: "
+                              f"{', '.join(n for n in known if n not in RESERVED)}")
+        if not _check_type(v, hints.get(k, object)):
+            raise LeanLMError(f"{where(k)}: field {k!r} = {v!r} has the wrong type (expected {hints.get(k)})")
+    try:
+        cfg = cls(**fields)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except (ValueError, TypeError, LeanLMError) as e:
+        bad = next((k for k in fields if k in str(e)), None)
+        raise LeanLMError(f"{where(bad)}: bad value: {e}")
+    return cfg
+
+
+def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:
+    """Validate every step against the model; return [(Step, how)] ready to run."""
+    reg = registry()
+    out = []
+    replaced: dict[str, int] = {}  # module -> line of the step that swaps it for a quantized module
+    for s in recipe.steps:
+        def where(key=None, s=s):
+            return f"{recipe.source}:{s.field_lines.get(key, s.line)}" if key else f"{recipe.source}:{s.line}"
+        if s.method not in reg:
+            raise LeanLMError(f"{where('method')}: unknown method {s.method!r}; known: {', '.join(sorted(reg))}")
+        cls, how = reg[s.method]
+        fields = dict(s.fields)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if "targets" in names:
+            fields["targets"] = s.targets
+        if "ignore" in names:
+            fields["ignore"] = s.ignore
+        cfg = build_config(cls, fields, where)
+        types = how.layer_types if isinstance(how, Method) else (__import__("torch").nn.Linear,)
+        modules = select_modules(model, s.targets, s.ignore, types)
+        if not modules:
+            key = "targets" if "targets" in s.field_lines else "method"
+            raise LeanLMError(f"{where(key)}: targets {s.targets} (ignoring {s.ignore}) match no layer of this "
+                              "model; module names look like model.layers.0.self_attn.q_proj")
+        if (model.config.tie_word_embeddings and "lm_head" in modules):
+            raise LeanLMError(f"{where('targets')}: lm_head is tied to the embedding in this model; "
+                              "add 'lm_head' to the step's ignore list")
+        if isinstance(how, Method) and how.replaces:
+            clash = next((n for n in modules if n in replaced), None)
+            if clash:
+                raise LeanLMError(f"{where('targets')}: {clash} is already quantized by the step at line "
+                                  f"{replaced[clash]}; give each layer to one quantization step (targets/ignore)")
+            replaced.update({n: s.line for n in modules})
+        out.append((Step(s.method, how if isinstance(how, Method) else None, cfg, modules), how))
+    return out
+
+
+def apply_recipe(model, recipe: Recipe, samples=None, progress: bool = True) -> list[Step]:
+    """Validate all steps, then run them in order: runs of Method steps share one block-by-block walk."""
+    resolved = resolve(recipe, model)
+    batch: list[Step] = []
+    for step, how in resolved:
+        if isinstance(how, Method):
+            batch.append(step)
+            continue
+        if batch:
+            run_steps(model, batch, samples, progress)
+            batch = []
+        how(model, step.cfg, step.modules, samples)
+    if batch:
+        run_steps(model, batch, samples, progress)
+    return [s for s, _ in resolved]
