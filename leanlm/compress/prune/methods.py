@@ -2,8 +2,8 @@
 
 Every method follows the calibration protocol of leanlm.compress.calibrate:
     state = init(layer, cfg); accumulate(state, inputs) per batch; solve(state, layer, cfg)
-`solve` writes the pruned weight into layer.weight in place and returns the pruned mask (True =
-removed). Magnitude needs no statistics; its accumulate is a no-op so it runs through the same loop.
+`solve` writes the pruned weight into layer.weight in place and returns None (SparseGPT with joint
+quantization returns the packed QuantLinear that replaces the layer). Magnitude needs no statistics.
 """
 from __future__ import annotations
 
@@ -27,9 +27,8 @@ class PruneConfig:
     owl_m: float = 5.0  # outlier threshold: score above owl_m times the layer's mean score
     block_size: int = 128  # SparseGPT: columns per lazy-update block (mask chosen per block)
     dampening: float = 0.01  # SparseGPT: fraction of mean(diag(H)) added to the diagonal
-    quant_bits: int | None = None  # SparseGPT: quantize jointly in the same pass (paper, section 3.5)
+    quant_bits: int | None = None  # SparseGPT: quantize jointly in the same pass (symmetric grid, paper 3.5)
     quant_group_size: int = 128
-    quant_symmetric: bool = False
     targets: list[str] | None = None  # module name patterns; None = every linear in the blocks
     ignore: list[str] | None = None
 
@@ -62,9 +61,9 @@ def magnitude_accumulate(state: dict, inputs: torch.Tensor) -> None:
     pass
 
 
-def magnitude_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: float | None = None) -> torch.Tensor:
+def magnitude_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: float | None = None) -> None:
     s = cfg.sparsity if sparsity is None else sparsity
-    return _apply_mask(layer, select_mask(layer.weight.detach().abs().float(), s, cfg.pattern))
+    _apply_mask(layer, select_mask(layer.weight.detach().abs().float(), s, cfg.pattern))
 
 
 # ---------------------------------------------------------------- wanda
@@ -83,11 +82,11 @@ def wanda_score(weight: torch.Tensor, state: dict) -> torch.Tensor:
     return weight.detach().abs().double() * state["sq"].sqrt().unsqueeze(0)
 
 
-def wanda_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: float | None = None) -> torch.Tensor:
+def wanda_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: float | None = None) -> None:
     if state["n"] == 0:
         raise LeanLMError("wanda: no calibration inputs reached this layer; check the calibration data")
     s = cfg.sparsity if sparsity is None else sparsity
-    return _apply_mask(layer, select_mask(wanda_score(layer.weight, state), s, cfg.pattern))
+    _apply_mask(layer, select_mask(wanda_score(layer.weight, state), s, cfg.pattern))
 
 
 # ---------------------------------------------------------------- sparsegpt
@@ -121,36 +120,14 @@ def _inverse_cholesky(H: torch.Tensor, dampening: float) -> torch.Tensor:
     raise LeanLMError("sparsegpt: the calibration Hessian is not positive definite even with full dampening; use more calibration samples")
 
 
-class _GridQuantizer:
-    """Min-max grid per output row and column group (GPTQ's quantizer; zero always representable)."""
-
-    def __init__(self, bits: int, symmetric: bool):
-        self.maxq = 2 ** bits - 1
-        self.symmetric = symmetric
-
-    def find_params(self, w: torch.Tensor) -> None:
-        xmin = w.min(1).values.clamp(max=0)
-        xmax = w.max(1).values.clamp(min=0)
-        if self.symmetric:
-            xmax = torch.maximum(xmin.abs(), xmax)
-            xmin = -xmax
-        same = (xmin == xmax)
-        xmin, xmax = xmin.masked_fill(same, -1.0), xmax.masked_fill(same, 1.0)
-        self.scale = (xmax - xmin) / self.maxq
-        self.zero = torch.full_like(xmin, (self.maxq + 1) / 2) if self.symmetric else torch.round(-xmin / self.scale)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(torch.round(x / self.scale) + self.zero, 0, self.maxq)
-        return self.scale * (q - self.zero)
-
-
-def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: float | None = None) -> torch.Tensor:
+def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: float | None = None):
     """SparseGPT (Frantar & Alistarh, 2023): OBS mask selection and weight update, lazy column blocks.
 
     Unstructured masks are chosen per block of `block_size` columns by w^2 / [H^-1]_jj^2 (exact count
     per block); N:M masks per group of M columns of each row. With quant_bits the kept weights are
-    also rounded to a min-max grid inside the same pass, so quantization error is compensated too.
-    Returns the pruned mask; layer.weight holds the updated (and possibly quantized) weight.
+    also rounded to the quantizer's symmetric grid (leanlm.compress.quant.grid, zero exactly
+    representable) inside the same pass, so quantization error is compensated too, and a packed
+    QuantLinear is returned; otherwise layer.weight is updated in place and None is returned.
     """
     if state["n"] == 0:
         raise LeanLMError("sparsegpt: no calibration inputs reached this layer; check the calibration data")
@@ -169,8 +146,12 @@ def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: f
     bs = cfg.block_size
     if nm is not None and bs % m:
         bs = max(m, bs // m * m)
-    quant = _GridQuantizer(cfg.quant_bits, cfg.quant_symmetric) if cfg.quant_bits else None
-    gs = cfg.quant_group_size if cfg.quant_group_size and cfg.quant_group_size > 0 else cols
+    bits = cfg.quant_bits
+    gs = cfg.quant_group_size if cfg.quant_group_size and 0 < cfg.quant_group_size < cols else cols
+    if bits:
+        from leanlm.compress.quant.grid import grid_params, quantize_codes
+        scales = torch.zeros(rows, -(-cols // gs))
+        offsets = torch.zeros_like(scales)
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
@@ -196,11 +177,14 @@ def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: f
                 mask1[:, i:i + m] = nm_mask(tmp, prune_n, m)
             q = w.clone()
             q[mask1[:, i]] = 0.0
-            if quant is not None:
-                if (i1 + i) % gs == 0:
-                    # group parameters from the weights as updated so far (intra-block updates included)
-                    quant.find_params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs])
-                q = torch.where(mask1[:, i], q, quant(q))
+            if bits:
+                col, gi = i1 + i, (i1 + i) // gs
+                if col % gs == 0:
+                    # the group's grid from the weights as updated so far (intra-block updates included)
+                    rest = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                    scales[:, gi], offsets[:, gi] = grid_params(rest, bits, True)
+                codes = quantize_codes(q[:, None], scales[:, gi], offsets[:, gi], bits)[:, 0]
+                q = torch.where(mask1[:, i], q, codes * scales[:, gi] + offsets[:, gi])
             Q1[:, i] = q
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -209,10 +193,16 @@ def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: f
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     mask |= dead.unsqueeze(0)
+    W.masked_fill_(mask, 0.0)
+    if bits:
+        from leanlm.compress.quant.grid import expand_groups
+        from leanlm.compress.quant.qlinear import QuantLinear
+        # W sits on the grid (pruned zeros included: the symmetric grid holds 0 exactly), so this is exact
+        codes = quantize_codes(W, expand_groups(scales, gs, cols), expand_groups(offsets, gs, cols), bits)
+        return QuantLinear.from_codes(codes.to(torch.uint8), scales, offsets, bits, gs, True, bias=layer.bias)
     with torch.no_grad():
         layer.weight.copy_(W.to(layer.weight.dtype))
-        layer.weight.masked_fill_(mask, 0.0)
-    return mask
+    return None
 
 
 def layer_error(layer_weight: torch.Tensor, ref_weight: torch.Tensor, inputs: torch.Tensor) -> float:

@@ -216,31 +216,41 @@ def _uniformize(cfg):
     return dataclasses.replace(cfg, layer_num_heads=nh, layer_num_kv_heads=nkv, layer_intermediate_size=inter)
 
 
-def shrink(model, keep_groups: list[list[int]], keep_channels: list[torch.Tensor]):
-    """Remove every unit not kept, in place: smaller Linear modules and a per-layer config."""
-    cfg = model.config
-    for blk, kg, kc in zip(model.model.layers, keep_groups, keep_channels):
-        attn, mlp = blk.self_attn, blk.mlp
-        if len(kg) == 0 or len(kc) == 0:
-            raise LeanLMError("structured: a layer would lose every head or channel; drop the block instead")
-        if len(kg) < attn.nkv:
-            qrows = torch.cat([torch.arange(attn.nh * attn.hd)[_group_cols(attn, g)] for g in kg])
-            kvrows = torch.cat([torch.arange(attn.nkv * attn.hd)[_kv_rows(attn, g)] for g in kg])
-            per = attn.nh // attn.nkv
-            attn.q_proj = _slice_linear(attn.q_proj, rows=qrows)
-            attn.k_proj = _slice_linear(attn.k_proj, rows=kvrows)
-            attn.v_proj = _slice_linear(attn.v_proj, rows=kvrows)
-            attn.o_proj = _slice_linear(attn.o_proj, cols=qrows)
-            attn.nkv, attn.nh = len(kg), len(kg) * per
-        if len(kc) < mlp.down_proj.in_features:
-            mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=kc)
-            mlp.up_proj = _slice_linear(mlp.up_proj, rows=kc)
-            mlp.down_proj = _slice_linear(mlp.down_proj, cols=kc)
+def shrink_block(blk, kg: list[int], kc: torch.Tensor) -> None:
+    """Keep KV groups `kg` and MLP channels `kc` of one block: smaller Linear modules, in place."""
+    attn, mlp = blk.self_attn, blk.mlp
+    if len(kg) == 0 or len(kc) == 0:
+        raise LeanLMError("structured: a layer would lose every head or channel; drop the block instead")
+    if len(kg) < attn.nkv:
+        qrows = torch.cat([torch.arange(attn.nh * attn.hd)[_group_cols(attn, g)] for g in kg])
+        kvrows = torch.cat([torch.arange(attn.nkv * attn.hd)[_kv_rows(attn, g)] for g in kg])
+        per = attn.nh // attn.nkv
+        attn.q_proj = _slice_linear(attn.q_proj, rows=qrows)
+        attn.k_proj = _slice_linear(attn.k_proj, rows=kvrows)
+        attn.v_proj = _slice_linear(attn.v_proj, rows=kvrows)
+        attn.o_proj = _slice_linear(attn.o_proj, cols=qrows)
+        attn.nkv, attn.nh = len(kg), len(kg) * per
+    if len(kc) < mlp.down_proj.in_features:
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=kc)
+        mlp.up_proj = _slice_linear(mlp.up_proj, rows=kc)
+        mlp.down_proj = _slice_linear(mlp.down_proj, cols=kc)
+
+
+def sync_config(model):
+    """Rewrite model.config's per-layer shapes from the modules (after shrink_block / drop)."""
     blocks = model.model.layers
     model.config = _uniformize(dataclasses.replace(
-        cfg, layer_num_heads=[b.self_attn.nh for b in blocks], layer_num_kv_heads=[b.self_attn.nkv for b in blocks],
+        model.config, num_layers=len(blocks), layer_num_heads=[b.self_attn.nh for b in blocks],
+        layer_num_kv_heads=[b.self_attn.nkv for b in blocks],
         layer_intermediate_size=[b.mlp.down_proj.in_features for b in blocks]))
     return model
+
+
+def shrink(model, keep_groups: list[list[int]], keep_channels: list[torch.Tensor]):
+    """Remove every unit not kept, in place: smaller Linear modules and a per-layer config."""
+    for blk, kg, kc in zip(model.model.layers, keep_groups, keep_channels):
+        shrink_block(blk, kg, kc)
+    return sync_config(model)
 
 
 def drop_blocks(model, drop: list[int]):
@@ -250,12 +260,7 @@ def drop_blocks(model, drop: list[int]):
     if any(not 0 <= i < cfg.num_layers for i in drop) or len(drop) >= cfg.num_layers:
         raise LeanLMError(f"layer drop {drop}: the model has blocks 0..{cfg.num_layers - 1} and must keep one")
     kept = [i for i in range(cfg.num_layers) if i not in drop]
-    per = [cfg.heads(i) for i in kept]
-    inter = [cfg.intermediate(i) for i in kept]
     model.model.layers = nn.ModuleList(model.model.layers[i] for i in kept)
     for new_i, blk in enumerate(model.model.layers):
         blk.self_attn.layer = new_i
-    model.config = _uniformize(dataclasses.replace(
-        cfg, num_layers=len(kept), layer_num_heads=[h for h, _ in per], layer_num_kv_heads=[k for _, k in per],
-        layer_intermediate_size=inter))
-    return model
+    return sync_config(model)
