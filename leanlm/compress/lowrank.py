@@ -48,6 +48,14 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
+    def config(self) -> dict:
+        """Constructor arguments, for leanlm.compress.serialize (rebuilt with LowRankLinear(**config))."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bias": self.up.bias is not None}
+
+
+MODULE_TYPES = {"LowRankLinear": LowRankLinear}
+
 
 @dataclass
 class LowRankConfig:
@@ -107,10 +115,10 @@ def matching_modules(model: nn.Module, targets: list[str], ignore: list[str]) ->
     return out
 
 
-def uniform_ratio(model: nn.Module, cfg: LowRankConfig) -> float:
+def uniform_ratio(model: nn.Module, cfg: LowRankConfig, modules: list[str] | None = None) -> float:
     """Per-layer kept ratio that removes cfg.target of all parameters from the targeted layers."""
-    mods = matching_modules(model, cfg.targets, cfg.ignore)
-    layer_total = sum(m.weight.numel() for _, m in mods)
+    names = modules if modules is not None else [n for n, _ in matching_modules(model, cfg.targets, cfg.ignore)]
+    layer_total = sum(model.get_submodule(n).weight.numel() for n in names)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     ratio = 1.0 - cfg.target * total / max(layer_total, 1)
     if ratio <= 0.02:
@@ -171,8 +179,11 @@ def factorize(weight: torch.Tensor, H: torch.Tensor | None, cfg, ratio: float | 
     return down.to(weight.dtype), up.to(weight.dtype)
 
 
-def solve(state: dict, layer: nn.Linear, cfg, ratio: float | None = None, rank_fraction: float | None = None):
-    return factorize(layer.weight, state["H"], cfg, ratio=ratio, rank_fraction=rank_fraction)
+def solve(state: dict | None, layer: nn.Linear, cfg, ratio: float | None = None, rank_fraction: float | None = None):
+    H = state["H"] if state is not None and state["n"] > 0 else None
+    if getattr(cfg, "activation_aware", False) and H is None:
+        raise LeanLMError("lowrank: activation-aware factorization got no calibration inputs for this layer")
+    return factorize(layer.weight, H, cfg, ratio=ratio, rank_fraction=rank_fraction)
 
 
 def make_lowrank(layer: nn.Linear, down: torch.Tensor, up: torch.Tensor) -> LowRankLinear:
@@ -219,3 +230,56 @@ def restore_modules(model: nn.Module, meta: dict | None, source: str = "checkpoi
         replace_linear(model, name, LowRankLinear(layer.in_features, layer.out_features, int(rank),
                                                   bias=layer.bias is not None, dtype=layer.weight.dtype,
                                                   device=layer.weight.device))
+
+
+# ---------------------------------------------------------------- recipe steps
+def _run(model, cfg, modules, samples, progress, pick) -> dict:
+    """Factor `modules` through the one calibration runner; pick(name) -> (ratio, rank_fraction)."""
+    from leanlm.compress.calibrate import Method, Step, run_steps
+
+    names = {id(model.get_submodule(n)): n for n in modules}
+    factorized = isinstance(cfg, LowRankConfig) and cfg.factorize
+    ranks: dict[str, int] = {}
+
+    def solve_layer(state, layer, c):
+        name = names[id(layer)]
+        ratio, frac = pick(name)
+        down, up = solve(state, layer, c, ratio=ratio, rank_fraction=frac)
+        ranks[name] = down.shape[0]
+        smaller = down.shape[0] * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features
+        if factorized and smaller:
+            return make_lowrank(layer, down, up)
+        with torch.no_grad():  # dense low-rank approximation (LASER, or a rank too high to save space)
+            layer.weight.copy_((up.double() @ down.double()).to(layer.weight.dtype))
+        return None
+
+    aware = cfg.activation_aware
+    if aware and samples is None:
+        raise LeanLMError("activation-aware low-rank needs calibration samples; pass --calib or set activation_aware: false")
+    method = Method(init=init, accumulate=accumulate, solve=solve_layer, needs_data=aware)
+    run_steps(model, [Step("lowrank", method, cfg, list(modules))], samples if aware else None, progress)
+    return {"ranks": ranks}
+
+
+def lowrank_apply(model, cfg: LowRankConfig, modules: list[str], samples=None, progress: bool = True) -> dict:
+    """Factor every targeted Linear (ratio from cfg.target/ratio, or cfg.energy / cfg.rank)."""
+    ratio = uniform_ratio(model, cfg, modules) if cfg.target is not None else cfg.ratio
+    return _run(model, cfg, modules, samples, progress, lambda name: (ratio, None))
+
+
+def laser_apply(model, cfg: LaserConfig, modules: list[str], samples=None, progress: bool = True) -> dict:
+    """LASER: layers matching cfg.layers keep that fraction of their rank, dense; the others are untouched."""
+    chosen = {}
+    for n in modules:
+        frac = next((float(f) for pat, f in cfg.layers.items() if re.search(pat, n)), None)
+        if frac is not None:
+            chosen[n] = frac
+    if not chosen:
+        raise LeanLMError(f"laser: no targeted layer matches {list(cfg.layers)}; names look like model.layers.20.mlp.down_proj")
+    return _run(model, cfg, list(chosen), samples, progress, lambda name: (None, chosen[name]))
+
+
+lowrank_apply.needs_data = True
+laser_apply.needs_data = True
+
+METHODS = {"lowrank": (LowRankConfig, lowrank_apply), "laser": (LaserConfig, laser_apply)}
