@@ -20,7 +20,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if not m or int(m.group(1)) <= 0 or int(m.group(1)) >= int(m.group(2)):
-        raise LeanLMError(f"sparsity pattern {pattern!r}: expected 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'")
+        raise LeanLMError(f"pattern {pattern!r}: expected 'unstructured' or 'N:M' (keep N of every M), 0 < N < M, e.g. '2:4'")
     keep, size = int(m.group(1)), int(m.group(2))
     return size - keep, size
 
