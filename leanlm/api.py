@@ -1,0 +1,101 @@
+"""The Python API: load, save (generate and perplexity live in leanlm.infer / leanlm.eval)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from leanlm.errors import LeanLMError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LeanLMError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_source(source) -> Path:
+    """None -> the cached default GGUF (fetched once); otherwise the given path, which must exist."""
+    from leanlm.io.registry import default_gguf_path
+
+    if source is None:
+        return default_gguf_path()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise LeanLMError(f"{source}: no such file or folder; pass a Hugging Face model folder or a .gguf file "
+                          "(or nothing, for the default model)")
+    return path
+
+
+def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_cache: bool = True):
+    """Load a model and its tokenizer: `model, tokenizer = leanlm.load()` (None = default model).
+
+    source: a Hugging Face folder (config.json + safetensors + tokenizer.json) or a .gguf file.
+    A GGUF is dequantized once and cached as an fp32 folder (LEANLM_CACHE), so later loads are fast.
+    """
+    from leanlm.io.checkpoint import build_on_meta, load_hf_folder, materialize, save_hf_folder
+    from leanlm.io.gguf import load_gguf
+    from leanlm.io.registry import converted_dir
+    from leanlm.io.tokenizer import Tokenizer
+
+    dt = parse_dtype(dtype)
+    path = resolve_source(source)
+    if path.is_dir():
+        model, tok = load_hf_folder(path, dtype=dt)
+    elif path.suffix.lower() == ".gguf":
+        conv = converted_dir(path)
+        if convert_cache and (conv / "model.safetensors").exists():
+            model, tok = load_hf_folder(conv, dtype=dt)
+        else:
+            cfg, sd, fields = load_gguf(path)
+            tok = Tokenizer.from_gguf_fields(fields, str(path))
+            model = materialize(build_on_meta(cfg), sd, str(path))
+            if convert_cache:
+                try:
+                    save_hf_folder(model, tok, conv)
+                except OSError:
+                    pass  # a read-only cache only costs speed
+            if dt is not None:
+                model = model.to(dt)
+    else:
+        raise LeanLMError(f"{path}: not a folder or a .gguf file; pass a Hugging Face model folder or a .gguf file")
+    model.source = str(path)
+    if adapter is not None:
+        from leanlm.peft import load_adapter
+
+        load_adapter(model, adapter)
+    return model, tok
+
+
+def save(model, tokenizer, folder, dtype=None) -> Path:
+    """Save as a Hugging Face folder that transformers' from_pretrained loads with the same logits."""
+    from leanlm.io.checkpoint import save_hf_folder
+
+    return save_hf_folder(model, tokenizer, folder, dtype=parse_dtype(dtype))
+
+
+def model_bytes(model) -> int:
+    """Bytes of weights (parameters and buffers, tied tensors once) as the model holds them in memory."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def describe(model) -> dict:
+    cfg = model.config
+    return {"source": getattr(model, "source", None), "model_type": cfg.model_type,
+            "parameters": model.num_parameters(), "model_bytes": model_bytes(model), "dtype": str(model.dtype),
+            "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads, "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings,
+            "rope": cfg.rope_type, "tied_embeddings": cfg.tie_word_embeddings,
+            "config": json.loads(json.dumps(cfg.to_dict()))}

@@ -1,0 +1,151 @@
+"""Hugging Face folders in and out (safetensors only; nothing is ever unpickled).
+
+Models are built on the meta device and filled with `load_state_dict(assign=True)`, so loading
+never holds two copies of the weights.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from leanlm.errors import LeanLMError
+from leanlm.io.atomic import atomic_dir
+from leanlm.model.config import ModelConfig, read_hf_config
+from leanlm.model.transformer import Transformer
+
+# Keys some checkpoints carry that are derived, not weights.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def build_on_meta(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def _compression_serialize():
+    try:
+        from leanlm.compress import serialize
+    except ImportError:
+        return None
+    return serialize
+
+
+def materialize(model: Transformer, sd: dict[str, torch.Tensor], source: str, meta: dict | None = None,
+                dtype: torch.dtype | None = None) -> Transformer:
+    """Assign tensors into a meta-device model; the key sets must match exactly."""
+    sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if meta:  # compressed modules (quantized/sparse) rebuild themselves from their tensors first
+        ser = _compression_serialize()
+        if ser is None:
+            raise LeanLMError(f"{source}: checkpoint is compressed but leanlm.compress is unavailable")
+        sd = ser.restore(model, sd, meta)
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - sd.keys(), sd.keys() - set(model.state_dict().keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {sorted(missing)[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {sorted(unexpected)[0]})")
+        raise LeanLMError(f"{source}: weights do not match the config: {'; '.join(parts)}")
+    own = model.state_dict(keep_vars=True)
+    for k, v in sd.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise LeanLMError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config expects "
+                              f"{tuple(own[k].shape)}; config.json and weights disagree")
+        if dtype is not None and v.is_floating_point() and v.dtype != dtype:
+            sd[k] = v.to(dtype)
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise LeanLMError(f"{source}: tensor {left[0]} was never loaded")
+    return model.eval()
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LeanLMError(f"{index}: malformed index ({e}); re-save the model")
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise LeanLMError(f"{folder}: only pickle weights (.bin/.pt) found; leanlm never unpickles — "
+                              "convert them to safetensors with transformers' save_pretrained(safe_serialization=True)")
+        raise LeanLMError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise LeanLMError(f"{path}: shard named in the index is missing")
+        try:
+            # load_file memory-maps the file; tensors are copied out of the map only when touched.
+            sd.update(load_file(str(path)))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LeanLMError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]}); "
+                              "the file is truncated or damaged — download or save it again")
+    return sd
+
+
+def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None):
+    from leanlm.io.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LeanLMError(f"{folder}: no such folder; pass a Hugging Face model folder or a .gguf file")
+    cfg = read_hf_config(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    meta = raw.get("leanlm_compression")
+    sd = _read_safetensors(folder)
+    model = materialize(build_on_meta(cfg), sd, str(folder), meta=meta, dtype=dtype)
+    tok = Tokenizer.from_folder(folder)
+    return model, tok
+
+
+def save_hf_folder(model: Transformer, tokenizer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors, tokenizer and generation config, atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    cfg = model.config
+    meta = None
+    ser = _compression_serialize()
+    if ser is not None and hasattr(ser, "state_for_save"):
+        tensors, meta = ser.state_for_save(model)
+    else:
+        tensors = model.state_dict()
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous().clone() if v.data_ptr() in {t.data_ptr() for t in out.values()} else v.contiguous()
+    hf = cfg.to_hf(dtype=str(next(iter(out.values())).dtype).replace("torch.", "") if dtype else
+                   str(model.dtype).replace("torch.", ""))
+    if meta:
+        hf["leanlm_compression"] = meta
+    with atomic_dir(folder) as tmp:
+        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id or None}
+        if tokenizer is not None and tokenizer.eos_ids:
+            gen["eos_token_id"] = tokenizer.eos_ids if len(tokenizer.eos_ids) > 1 else tokenizer.eos_ids[0]
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return folder

@@ -1,0 +1,194 @@
+"""Checkpoints: HF folders in/out, GGUF in, tokenizer, and the errors users see for bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import leanlm
+from conftest import tiny_hf, to_leanlm
+from gguf_util import TEMPLATE, byte_vocab, write_tiny_gguf
+from leanlm.errors import LeanLMError
+
+NV = len(byte_vocab()[0])
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """A transformers checkpoint saved with save_pretrained, with a tokenizer from a tiny GGUF."""
+    hf = tiny_hf("llama", vocab_size=NV)
+    g = write_tiny_gguf(tmp_path / "t.gguf", hf, "F32")
+    _, tok = leanlm.load(g, convert_cache=False)
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder)
+    tok.save(folder)
+    return hf, folder
+
+
+def test_load_hf_folder_matches_transformers(hf_folder):
+    hf, folder = hf_folder
+    m, tok = leanlm.load(folder)
+    ids = torch.tensor([tok.encode("the hat in the cat")])
+    with torch.no_grad():
+        assert (m(ids) - hf(ids).logits).abs().max() < 1e-5
+
+
+def test_sharded_safetensors(tmp_path):
+    hf = tiny_hf("qwen2", vocab_size=NV)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    _, tok = leanlm.load(write_tiny_gguf(tmp_path / "t.gguf", tiny_hf("llama", vocab_size=NV)), convert_cache=False)
+    tok.save(tmp_path)
+    m, _ = leanlm.load(tmp_path)
+    ids = torch.randint(0, NV, (1, 12))
+    with torch.no_grad():
+        assert (m(ids) - hf(ids).logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind,over", [("llama", {"tie_word_embeddings": True}), ("qwen3", {}),
+                                       ("mistral", {"sliding_window": 8}),
+                                       ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                   "original_max_position_embeddings": 16}})])
+def test_save_then_transformers_loads_same_logits(tmp_path, kind, over):
+    import transformers
+
+    hf = tiny_hf(kind, vocab_size=NV, **over)
+    m = to_leanlm(hf)
+    _, tok = leanlm.load(write_tiny_gguf(tmp_path / "t.gguf", tiny_hf("llama", vocab_size=NV)), convert_cache=False)
+    leanlm.save(m, tok, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, NV, (2, 40))
+    with torch.no_grad():
+        assert (back(ids).logits - m(ids)).abs().max() < 1e-5
+    htok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "the cat, the hat: 12 in the sun!"
+    assert htok(text)["input_ids"] == tok.encode(text)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert htok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        tok.apply_chat_template(msgs)
+
+
+def test_save_is_atomic_and_keeps_old_on_failure(tmp_path, monkeypatch):
+    hf = tiny_hf("llama", vocab_size=NV)
+    m = to_leanlm(hf)
+    leanlm.save(m, None, tmp_path / "out")
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        leanlm.save(m, None, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left behind
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_1", "Q4_0"])
+def test_gguf_matches_transformers_gguf_loader_and_gguf_dequant(tmp_path, qtype):
+    import gguf
+    import transformers
+
+    hf = tiny_hf("llama", vocab_size=NV)
+    path = write_tiny_gguf(tmp_path / "m.gguf", hf, qtype)
+    m, tok = leanlm.load(path, convert_cache=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    ids = torch.tensor([tok.encode("the cat in the hat sat")])
+    with torch.no_grad():
+        assert (m(ids) - ref(ids).logits).abs().max() < 1e-5
+    # Tensors equal gguf's own dequantization (v_proj is not permuted, so compare directly).
+    r = gguf.GGUFReader(str(path))
+    t = next(t for t in r.tensors if t.name == "blk.1.attn_v.weight")
+    np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type),
+                                  m.model.layers[1].self_attn.v_proj.weight.detach().numpy())
+    # and the q permutation was undone: close to the original HF weight (up to quantization)
+    q = m.model.layers[0].self_attn.q_proj.weight
+    err = (q - hf.model.layers[0].self_attn.q_proj.weight).abs().max()
+    assert err < (1e-6 if qtype == "F32" else 0.2)
+
+
+def test_gguf_tokenizer_and_chat_template(tmp_path):
+    path = write_tiny_gguf(tmp_path / "m.gguf", tiny_hf("llama", vocab_size=NV), "F32")
+    _, tok = leanlm.load(path, convert_cache=False)
+    ids = tok.encode("<|im_start|>the end<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2  # special tokens stay whole
+    assert tok.decode(tok.encode("héllo wörld 42")) == "héllo wörld 42"
+    assert tok.eos_ids == [2]
+    assert tok.chat_template == TEMPLATE
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == \
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_gguf_conversion_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "m.gguf", tiny_hf("llama", vocab_size=NV), "Q8_0")
+    m1, _ = leanlm.load(path)
+    assert list((tmp_path / "cache" / "converted").iterdir())
+    m2, _ = leanlm.load(path)  # served from the cached safetensors folder
+    ids = torch.randint(0, NV, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(m1(ids), m2(ids))
+
+
+# ------------------------------------------------------------ bad input: one clear line each
+def _err(capsys, argv):
+    from leanlm.cli import main
+
+    capsys.readouterr()  # drop what fixtures printed
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("leanlm: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_error_missing_file(capsys, tmp_path):
+    assert "no such file" in _err(capsys, ["info", str(tmp_path / "nope.gguf")])
+
+
+def test_error_unsupported_architecture(capsys, tmp_path, hf_folder):
+    _, folder = hf_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert "unsupported architecture" in _err(capsys, ["info", str(folder)])
+
+
+def test_error_malformed_config(capsys, hf_folder):
+    _, folder = hf_folder
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')
+    assert "malformed JSON" in _err(capsys, ["info", str(folder)])
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    assert "missing required field" in _err(capsys, ["info", str(folder)])
+
+
+def test_error_truncated_safetensors(capsys, hf_folder):
+    _, folder = hf_folder
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert "truncated" in _err(capsys, ["info", str(folder)])
+
+
+def test_error_truncated_gguf(capsys, tmp_path):
+    hf = tiny_hf("llama", vocab_size=NV)
+    full = write_tiny_gguf(tmp_path / "full.gguf", hf, "Q8_0")
+    size = full.stat().st_size
+    for cut in (size // 2, 2000, 10):
+        p = write_tiny_gguf(tmp_path / f"cut{cut}.gguf", hf, "Q8_0", truncate_to=cut)
+        assert "truncated" in _err(capsys, ["info", str(p)])
+
+
+def test_error_pickle_only_folder(capsys, tmp_path, hf_folder):
+    _, folder = hf_folder
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    assert "never unpickles" in _err(capsys, ["info", str(folder)])
+
+
+def test_error_shape_mismatch(capsys, hf_folder):
+    _, folder = hf_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert "shape" in _err(capsys, ["info", str(folder)])

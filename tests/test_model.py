@@ -1,0 +1,116 @@
+"""The one decoder against transformers' reference implementations, every family and RoPE type."""
+import pytest
+import torch
+
+from conftest import tiny_hf, to_leanlm
+
+ROPE = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+}
+
+
+def _compare(hf, T=24, B=2, tol=1e-4):
+    m = to_leanlm(hf)
+    ids = torch.randint(0, hf.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = m(ids)
+    assert out.shape == ref.shape
+    assert ref.abs().max() > 0.5  # the comparison means something
+    assert (out - ref).abs().max().item() <= tol
+    return m
+
+
+@pytest.mark.parametrize("rope", list(ROPE))
+def test_llama_rope_types_match_transformers(rope):
+    # 80 positions > max_position_embeddings=64, so dynamic NTK and the scaled types all engage.
+    hf = tiny_hf("llama", rope_scaling=ROPE[rope], max_position_embeddings=64 if rope != "yarn" else 64)
+    _compare(hf, T=80)
+
+
+@pytest.mark.parametrize("kind,over", [
+    ("mistral", {"sliding_window": 8}),
+    ("qwen2", {}),
+    ("qwen3", {"head_dim": 32}),
+    ("llama", {"num_key_value_heads": 1}),  # MQA
+    ("llama", {"num_key_value_heads": 4}),  # MHA
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"attention_bias": True, "mlp_bias": True}),
+])
+def test_families_match_transformers(kind, over):
+    m = _compare(tiny_hf(kind, **over), T=30)
+    if kind == "qwen2":
+        assert m.model.layers[0].self_attn.q_proj.bias is not None
+        assert m.model.layers[0].self_attn.o_proj.bias is None
+    if kind == "qwen3":
+        assert hasattr(m.model.layers[0].self_attn, "q_norm")
+
+
+def test_sliding_window_changes_output():
+    """Guard against a window that silently does nothing: same weights, window off, differ."""
+    hf = tiny_hf("mistral", sliding_window=4)
+    m = to_leanlm(hf)
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        a = m(ids)
+        m.config.sliding_window = None
+        b = m(ids)
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind,over", [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen3", {})])
+def test_cached_decode_equals_full_forward(kind, over):
+    m = to_leanlm(tiny_hf(kind, **over))
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2, 32)
+        parts = [m(ids[:, :7], cache=cache), m(ids[:, 7:12], cache=cache)]  # chunked prefill
+        parts += [m(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+    step = torch.cat(parts, dim=1)
+    assert (step - full).abs().max() < 1e-4
+
+
+def test_left_padded_batch_equals_one_by_one():
+    m = to_leanlm(tiny_hf("llama"))
+    seqs = [torch.randint(0, 128, (n,)) for n in (9, 4, 13)]
+    P = 13
+    ids = torch.zeros(3, P, dtype=torch.long)
+    valid = torch.zeros(3, P, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = s
+        valid[i, P - len(s):] = True
+    with torch.no_grad():
+        cache = m.new_cache(3, P + 3, valid=valid)
+        batched = m(ids, cache=cache)[:, -1]
+        nxt = batched.argmax(-1)
+        batched2 = m(nxt[:, None], cache=cache)[:, -1]
+        for i, s in enumerate(seqs):
+            alone = m(torch.cat([s, nxt[i:i + 1]])[None])
+            assert (alone[0, -2] - batched[i]).abs().max() < 1e-4
+            assert (alone[0, -1] - batched2[i]).abs().max() < 1e-4
+
+
+def test_bf16_close_to_fp32():
+    m = to_leanlm(tiny_hf("llama"))
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        a = m(ids)
+        b = m.to(torch.bfloat16)(ids).float()
+    assert b.dtype == torch.float32
+    assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 0.05
+
+
+def test_meta_build_holds_no_memory():
+    from leanlm.io.checkpoint import build_on_meta
+    from leanlm.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2)
+    m = build_on_meta(cfg)
+    assert all(p.is_meta for p in m.parameters())
