@@ -100,14 +100,14 @@ def test_fast_path_equals_dequantized_reference(bits, K, g, sym, reference_path)
     assert y.shape == (2, 3, N)
 
 
-def tiny_model(seed=0, layers=2):
+def tiny_model(seed=0, layers=2, vocab=128):
     transformers = pytest.importorskip("transformers")
     from leanlm.model import ModelConfig
     from leanlm.model.transformer import Transformer
 
     torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2))
     m = Transformer(ModelConfig.from_hf(hf.config.to_dict()))
     m.load_state_dict(hf.state_dict(), strict=False)

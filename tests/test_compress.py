@@ -1,0 +1,119 @@
+"""Compressed checkpoints (serialize hooks, leanlm.save/load) and the `leanlm compress` command."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from leanlm.compress.quant.qlinear import QuantLinear
+from leanlm.compress.recipe import apply_recipe, parse_recipe
+from test_quant import tiny_model
+
+MIXED = """
+- method: gptq
+  bits: 4
+  group_size: 32
+  ignore: ['down_proj']
+- method: rtn
+  bits: 3
+  group_size: 48
+  sym: false
+  targets: ['down_proj']
+"""
+
+
+def compressed_tiny(vocab=128):
+    model = tiny_model(vocab=vocab)
+    apply_recipe(model, parse_recipe(MIXED, "mixed.yaml"), torch.randint(0, vocab, (4, 16)), progress=False)
+    return model
+
+
+def test_serialize_roundtrip_with_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from leanlm.compress.serialize import restore, state_for_save
+    from leanlm.model.transformer import Transformer
+
+    model = compressed_tiny()
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref = model(x)
+    tensors, meta = state_for_save(model)
+    assert meta["modules"]["model.layers.0.mlp.down_proj"]["bits"] == 3
+    assert tensors["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.uint8
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "m.safetensors"))
+    meta = json.loads(json.dumps(meta))  # what config.json holds
+    with torch.device("meta"):
+        fresh = Transformer(model.config)
+    sd = restore(fresh, load_file(str(tmp_path / "m.safetensors")), meta)
+    fresh.load_state_dict(sd, strict=False, assign=True)
+    fresh.tie_weights()
+    assert not any(t.is_meta for t in list(fresh.parameters()) + list(fresh.buffers()))
+    assert isinstance(fresh.model.layers[1].mlp.down_proj, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), ref)
+
+
+def test_restore_rejects_unknown_module_type():
+    from leanlm.compress.serialize import restore
+    from leanlm.errors import LeanLMError
+
+    model = tiny_model()
+    with pytest.raises(LeanLMError, match="unknown compressed type"):
+        restore(model, {}, {"format": "leanlm", "version": 1,
+                            "modules": {"model.layers.0.mlp.up_proj": {"type": "Magic"}}}, "x/config.json")
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    import leanlm
+    from leanlm.data import packaged_text
+    from leanlm.io.tokenizer import Tokenizer
+
+    t = HFTok(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator([packaged_text("calib")[:20000]], tr)
+    tok = Tokenizer(t, eos_token="<|endoftext|>")
+    model = tiny_model(vocab=300)
+    leanlm.save(model, tok, tmp_path / "base")
+    return tmp_path
+
+
+def test_save_load_equal_outputs(tiny_folder):
+    import leanlm
+
+    model, tok = leanlm.load(tiny_folder / "base")
+    apply_recipe(model, parse_recipe(MIXED, "mixed.yaml"), torch.randint(0, 300, (4, 16)), progress=False)
+    leanlm.save(model, tok, tiny_folder / "q")
+    back, _ = leanlm.load(tiny_folder / "q")
+    x = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    assert isinstance(back.model.layers[0].self_attn.k_proj, QuantLinear)
+
+
+def test_compress_cli(tiny_folder, capsys):
+    import leanlm
+    from leanlm.compress import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    out = tiny_folder / "out"
+    args = p.parse_args([str(tiny_folder / "base"), "--recipe", "w4a16-gptq-g32", "-o", str(out), "--samples", "4",
+                         "--seq-len", "16", "--eval-chars", "1500", "--ctx", "64", "--json"])
+    assert cli.run(args) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["samples"] == [4, 16]
+    assert res["after"]["size_mb"] < res["before"]["size_mb"]
+    assert res["after"]["perplexity"] > 1 and res["before"]["perplexity"] > 1
+    model, _ = leanlm.load(out)
+    assert isinstance(model.model.layers[1].mlp.gate_proj, QuantLinear)
+    assert model.model.layers[1].mlp.gate_proj.bits == 4
