@@ -179,3 +179,14 @@ def test_matches_plain_generation_sampled(model):
         ref = [s[0] for s in generate_tokens(model, [p], GenerationConfig(max_new_tokens=10, **kw))]
         got = eng.generate([p], SamplingParams(max_tokens=10, **kw))[0]
         assert got == ref
+
+
+def test_bench_concurrency_runs(model):
+    from leanlm.infer.engine import bench_concurrency
+
+    r = bench_concurrency(model, prompts(6, seed=11), max_new_tokens=5, concurrency=(1, 4),
+                          engine_kwargs=dict(block_size=4, num_blocks=64))
+    for n in (1, 4):
+        e = r["engine"][n]
+        assert e["identical_outputs"] == 6 and e["tokens_per_s"] > 0 and e["latency_p99"] >= e["latency_p50"]
+    assert r["engine"][4]["steps"] < r["engine"][1]["steps"]

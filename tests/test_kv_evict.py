@@ -24,7 +24,7 @@ def pair():
     return m.eval(), hf.eval()
 
 
-IDS = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(1))
 
 
 @torch.inference_mode()
