@@ -108,7 +108,7 @@ def test_compress_cli(tiny_folder, capsys):
     cli.add_arguments(p)
     out = tiny_folder / "out"
     args = p.parse_args([str(tiny_folder / "base"), "--recipe", "w4a16-gptq-g32", "-o", str(out), "--samples", "4",
-                         "--seq-len", "16", "--eval-chars", "1500", "--ctx", "64", "--json"])
+                         "--seq-len", "16", "--eval-chars", "600", "--ctx", "32", "--json"])
     assert cli.run(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["samples"] == [4, 16]

@@ -2,16 +2,26 @@
 from __future__ import annotations
 
 from leanlm.compress.calibrate import Method
+from leanlm.compress.quant.awq import AWQConfig, awq_block
 from leanlm.compress.quant.gptq import (GPTQConfig, RTNConfig, gptq_accumulate, gptq_init, gptq_solve,
                                         rtn_solve)
+from leanlm.compress.quant.int8 import (LLMInt8Config, SmoothQuantConfig, W8A8Linear, llmint8_accumulate,
+                                        llmint8_init, llmint8_solve, smoothquant_block)
+from leanlm.compress.quant.nf4 import NF4Config, NF4Linear, nf4_solve
 from leanlm.compress.quant.qlinear import QuantLinear
 
 METHODS: dict[str, tuple[type, Method]] = {
     "rtn": (RTNConfig, Method(solve=rtn_solve, needs_data=False, replaces=True)),
     "gptq": (GPTQConfig, Method(init=gptq_init, accumulate=gptq_accumulate, solve=gptq_solve, replaces=True)),
+    "awq": (AWQConfig, Method(block=awq_block, replaces=True)),
+    "nf4": (NF4Config, Method(solve=nf4_solve, needs_data=False, replaces=True)),
+    "smoothquant": (SmoothQuantConfig, Method(block=smoothquant_block, replaces=True)),
+    "llmint8": (LLMInt8Config, Method(init=llmint8_init, accumulate=llmint8_accumulate, solve=llmint8_solve,
+                                      replaces=True)),
 }
 
 # class name -> class, for checkpoints (leanlm.compress.serialize)
-MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear}
+MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear, "NF4Linear": NF4Linear, "W8A8Linear": W8A8Linear}
 
-__all__ = ["METHODS", "MODULE_TYPES", "QuantLinear", "RTNConfig", "GPTQConfig"]
+__all__ = ["METHODS", "MODULE_TYPES", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
+           "AWQConfig", "NF4Config", "SmoothQuantConfig", "LLMInt8Config"]

@@ -1,0 +1,139 @@
+"""NF4 and FP4 (QLoRA, Dettmers et al., 2023): 4-bit codes into a fixed 16-value table times a block absmax.
+
+NF4's table holds the quantiles of a standard normal (QLoRA's values); FP4 is the E2M1 float
+grid {0, 0.5, 1, 1.5, 2, 3, 4, 6}/6 with sign. Blocks of `block_size` consecutive input columns
+(the last block of a row may be shorter). Double quantization stores the block absmax values as
+int8 in blocks of 256 with one fp32 scale each, after subtracting their mean (QLoRA's layout; its
+8-bit codes are bitsandbytes' dynamic floats, ours are linear int8), ~0.127 bits per weight
+saved at block 64. Inference dequantizes to the activation dtype (no CPU kernel for tables).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanlm.compress.quant.grid import expand_groups, pack, packed_width, unpack
+
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230731010437, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+       0.7229568362236023, 1.0]
+_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+FP4 = [v / 6 for v in _E2M1] + [-v / 6 for v in _E2M1]  # code 8 is -0, kept for a full 16-entry table
+TABLES = {"nf4": NF4, "fp4": FP4}
+DQ_BLOCK = 256
+
+
+@dataclass
+class NF4Config:
+    dtype: str = "nf4"  # or "fp4"
+    block_size: int = 64
+    double_quant: bool = True
+
+    def validate(self):
+        if self.dtype not in TABLES:
+            raise ValueError(f"dtype must be one of {', '.join(TABLES)}")
+        if self.block_size < 8:
+            raise ValueError("block_size must be >= 8")
+
+
+def block_absmax_of(w: torch.Tensor, block: int) -> torch.Tensor:
+    """Absmax of each block of `block` input columns: [N, G] fp32 (the last block may be shorter)."""
+    N, K = w.shape
+    absmax = torch.stack([w[:, s:s + block].abs().amax(1) for s in range(0, K, block)], 1).float()
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return absmax
+
+
+def _nearest(wn: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    # table sorted copy for bucketize, mapped back to the table's own codes
+    vals, order = torch.sort(table)
+    mids = (vals[1:] + vals[:-1]) / 2
+    return order[torch.bucketize(wn, mids)].to(torch.uint8)
+
+
+def double_quantize(absmax: torch.Tensor):
+    flat = absmax.reshape(-1)
+    mean = flat.mean()
+    c = flat - mean
+    pad = (-c.numel()) % DQ_BLOCK
+    blocks = F.pad(c, (0, pad)).view(-1, DQ_BLOCK)
+    scale = blocks.abs().amax(1).clamp_min(1e-12) / 127
+    q = torch.clamp(torch.round(blocks / scale[:, None]), -127, 127).to(torch.int8)
+    return q.reshape(-1)[: flat.numel()], scale, mean
+
+
+def double_dequantize(q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, shape) -> torch.Tensor:
+    n = q.numel()
+    pad = (-n) % DQ_BLOCK
+    blocks = F.pad(q.float(), (0, pad)).view(-1, DQ_BLOCK) * scale[:, None]
+    return (blocks.reshape(-1)[:n] + mean).reshape(shape)
+
+
+class NF4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, dtype: str = "nf4", block_size: int = 64,
+                 double_quant: bool = True, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.block_size, self.double_quant = dtype, min(block_size, in_features), double_quant
+        G = -(-in_features // self.block_size)
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, 4), dtype=torch.uint8))
+        self.register_buffer("table", torch.tensor(TABLES[dtype], dtype=torch.float32))
+        if double_quant:
+            n = out_features * G
+            self.register_buffer("absmax_q", torch.zeros(n, dtype=torch.int8))
+            self.register_buffer("absmax_scale", torch.ones(-(-n // DQ_BLOCK), dtype=torch.float32))
+            self.register_buffer("absmax_mean", torch.zeros((), dtype=torch.float32))
+        else:
+            self.register_buffer("absmax", torch.ones(out_features, G, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "dtype": self.dtype,
+                "block_size": self.block_size, "double_quant": self.double_quant, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
+                f"block_size={self.block_size}, double_quant={self.double_quant}")
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, cfg: NF4Config) -> "NF4Linear":
+        N, K = layer.weight.shape
+        m = cls(K, N, cfg.dtype, cfg.block_size, cfg.double_quant, bias=layer.bias is not None)
+        w = layer.weight.detach().float()
+        absmax = block_absmax_of(w, m.block_size)
+        if cfg.double_quant:
+            q, scale, mean = double_quantize(absmax)
+            m.absmax_q.copy_(q)
+            m.absmax_scale.copy_(scale)
+            m.absmax_mean.copy_(mean)
+            absmax = double_dequantize(q, scale, mean, absmax.shape).clamp_min(1e-12)
+        else:
+            m.absmax.copy_(absmax)
+        # codes against the absmax the model will actually use (after double quantization)
+        wn = (w / expand_groups(absmax, m.block_size, K)).clamp(-1, 1)
+        m.qweight.copy_(pack(_nearest(wn, m.table), 4))
+        if layer.bias is not None:
+            m.bias.data.copy_(layer.bias.detach().float())
+        return m
+
+    def block_absmax(self) -> torch.Tensor:
+        G = -(-self.in_features // self.block_size)
+        if self.double_quant:
+            return double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_mean,
+                                     (self.out_features, G)).clamp_min(1e-12)
+        return self.absmax
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes = unpack(self.qweight, 4, self.in_features).long()
+        return self.table[codes] * expand_groups(self.block_absmax(), self.block_size, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def nf4_solve(state, layer: nn.Linear, cfg: NF4Config) -> NF4Linear:
+    return NF4Linear.from_linear(layer, cfg)
