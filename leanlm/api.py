@@ -53,7 +53,14 @@ def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_
         if convert_cache and (conv / "model.safetensors").exists():
             model, tok = load_hf_folder(conv, dtype=dt)
         else:
-            cfg, sd, fields = load_gguf(path)
+            if progress:
+                from leanlm.report import progress as bar
+
+                with bar() as pb:
+                    task = pb.add_task(f"dequantizing {path.name}", total=None)
+                    cfg, sd, fields = load_gguf(path, progress=lambda: pb.advance(task))
+            else:
+                cfg, sd, fields = load_gguf(path)
             tok = Tokenizer.from_gguf_fields(fields, str(path))
             model = materialize(build_on_meta(cfg), sd, str(path))
             if convert_cache:

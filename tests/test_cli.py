@@ -1,0 +1,66 @@
+"""The `leanlm` command end to end on a tiny model folder: info, eval, chat, convert."""
+import io
+import json
+
+import pytest
+import torch
+
+import leanlm
+from conftest import tiny_hf
+from gguf_util import byte_vocab, write_tiny_gguf
+from leanlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    return write_tiny_gguf(d / "m.gguf", tiny_hf("llama", vocab_size=len(byte_vocab()[0]), seed=4), "Q8_0")
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_info_json(gguf_path, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    assert main(["info", str(gguf_path), "--json"]) == 0
+    d = _json(capsys)
+    assert d["layers"] == 2 and d["kv_heads"] == 2 and d["chat_template"] is True
+
+
+def test_eval_json_matches_api(gguf_path, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    text = tmp_path / "t.txt"
+    text.write_text("the cat in the hat sat on the mat. " * 40)
+    assert main(["eval", str(gguf_path), "--text", str(text), "--ctx", "64", "--stride", "32", "--json"]) == 0
+    d = _json(capsys)
+    m, tok = leanlm.load(gguf_path)
+    ref = leanlm.perplexity(m, tok, text.read_text(), ctx=64, stride=32, progress=False)
+    assert d["tokens"] == ref["tokens"]
+    assert d["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    assert d["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-6)
+
+
+def test_eval_rejects_bad_stride(gguf_path, capsys):
+    assert main(["eval", str(gguf_path), "--ctx", "64", "--stride", "100"]) == 2
+    assert "stride" in capsys.readouterr().err
+
+
+def test_chat_uses_template_and_history(gguf_path, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat\nthe hat\n\n"))
+    assert main(["chat", str(gguf_path), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    m, tok = leanlm.load(gguf_path)
+    first = leanlm.generate(m, tok, [{"role": "user", "content": "the cat"}], chat=True, max_new_tokens=4)
+    assert out[0].endswith(first) or first in out[0]
+
+
+def test_convert_gguf_to_folder_same_logits(gguf_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "c"))
+    assert main(["convert", str(gguf_path), "-o", str(tmp_path / "hf")]) == 0
+    a, tok = leanlm.load(gguf_path)
+    b, _ = leanlm.load(tmp_path / "hf")
+    ids = torch.tensor([tok.encode("the mat")])
+    with torch.no_grad():
+        assert torch.equal(a(ids), b(ids))
