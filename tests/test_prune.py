@@ -148,3 +148,19 @@ def test_bad_config():
     lin = nn.Linear(6, 4)
     with pytest.raises(LeanLMError):
         _run("wanda", lin, torch.randn(8, 6), PruneConfig(pattern="2:4"))
+
+
+def test_sparsegpt_keeps_earlier_mask_when_quantizing():
+    # prune with Wanda (2:4), then quantize with SparseGPT at sparsity 0: the 2:4 zeros must survive
+    lin, x = _layer_and_inputs(seed=7)
+    _run("wanda", lin, x, PruneConfig(pattern="2:4"))
+    before = lin.weight.detach() == 0
+    q = _run("sparsegpt", lin, x, PruneConfig(sparsity=0.0, quant_bits=4, quant_group_size=32))
+    from leanlm.compress.quant.qlinear import QuantLinear
+    QuantLinear.fast = False
+    try:
+        w = q(torch.eye(64)).t().detach()
+    finally:
+        QuantLinear.fast = True
+    assert bool((w[before] == 0).all())
+    assert is_nm(w, 2, 4)

@@ -124,7 +124,8 @@ def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: f
     """SparseGPT (Frantar & Alistarh, 2023): OBS mask selection and weight update, lazy column blocks.
 
     Unstructured masks are chosen per block of `block_size` columns by w^2 / [H^-1]_jj^2 (exact count
-    per block); N:M masks per group of M columns of each row. With quant_bits the kept weights are
+    per block); N:M masks per group of M columns of each row. Weights that are already zero stay
+    zero, so `sparsity: 0` with quant_bits is GPTQ (no act-order) that keeps an earlier step's mask. With quant_bits the kept weights are
     also rounded to the quantizer's symmetric grid (leanlm.compress.quant.grid, zero exactly
     representable) inside the same pass, so quantization error is compensated too, and a packed
     QuantLinear is returned; otherwise layer.weight is updated in place and None is returned.
@@ -138,6 +139,7 @@ def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: f
     rows, cols = W.shape
     if nm is not None and cols % m:
         raise LeanLMError(f"N:M sparsity with M={m} needs the input width ({cols}) divisible by {m}")
+    pruned_before = W == 0  # masks of earlier steps stay applied (prune, then quantize with sparsity 0)
     H = hessian(state).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -175,6 +177,7 @@ def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: f
             if nm is not None and i % m == 0:
                 tmp = W1[:, i:i + m].pow(2) / d1[i:i + m].pow(2).unsqueeze(0)
                 mask1[:, i:i + m] = nm_mask(tmp, prune_n, m)
+            mask1[:, i] |= pruned_before[:, i1 + i]
             q = w.clone()
             q[mask1[:, i]] = 0.0
             if bits:
