@@ -31,8 +31,7 @@ class LoraConfig:
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed: magnitude vector times normalised direction
     freeze_a: bool = False  # LoRA-FA: A stays at its random init, only B trains
-    init: str = "kaiming"  # kaiming (peft's default) | gaussian | loftq
-    loftq_bits: int = 4
+    init: str = "kaiming"  # kaiming (peft's default) | gaussian | loftq (QLoRA only)
     loftq_iters: int = 1
 
     @property
@@ -50,6 +49,8 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     """The dense weight of a base layer: nn.Linear's own, or a quantized module's dequantization."""
     if hasattr(layer, "dequantize"):
         return layer.dequantize()
+    if hasattr(layer, "dequantized_weight"):  # leanlm.compress.quant.QuantLinear
+        return layer.dequantized_weight()
     return layer.weight
 
 
@@ -151,7 +152,8 @@ def target_names(model: nn.Module, targets, kinds=(nn.Linear,)) -> list[str]:
     for name, mod in model.named_modules():
         if name.endswith("lm_head") and isinstance(targets, list) and "lm_head" not in targets:
             continue  # tied to the embedding in most small models; adapt it only when named
-        if matches(name, targets) and (isinstance(mod, kinds) or hasattr(mod, "dequantize")):
+        if matches(name, targets) and (isinstance(mod, kinds) or hasattr(mod, "dequantize")
+                                            or hasattr(mod, "dequantized_weight")):
             names.append(name)
     return names
 
@@ -171,6 +173,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Freeze the model and put a LoRA (DoRA, LoRA-FA) adapter on each target linear, in place."""
     if cfg.r < 1:
         raise LeanLMError(f"LoRA rank must be at least 1, got {cfg.r}")
+    if cfg.init == "loftq":
+        raise LeanLMError("LoftQ initialisation quantizes the base weights: use QLoRA (method qlora) with init=loftq")
     names = target_names(model, cfg.target_modules)
     if not names:
         raise LeanLMError(f"no module matches target_modules={cfg.target_modules!r}; "
@@ -180,11 +184,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         base = model.get_submodule(name)
         if isinstance(base, LoraLinear):
             raise LeanLMError(f"{name} already has a LoRA adapter; merge or remove it first")
-        layer = LoraLinear(base, cfg)
-        if cfg.init == "loftq":
-            from leanlm.peft.loftq import loftq_init
-            loftq_init(layer, bits=cfg.loftq_bits, iters=cfg.loftq_iters)
-        replace_module(model, name, layer)
+        replace_module(model, name, LoraLinear(base, cfg))
     model.peft_config = cfg
     return model
 
