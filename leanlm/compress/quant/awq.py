@@ -27,7 +27,7 @@ class AWQConfig(RTNConfig):
     grid: int = 20  # scale exponents tried: 0, 1/grid, ..., (grid-1)/grid
     clip: bool = True
     clip_grid: int = 10  # clip ratios tried: 1, 1 - 0.5/clip_grid, ..., 0.55
-    max_tokens: int = 2048  # calibration tokens used by the searches (subsampled evenly)
+    max_tokens: int = 512  # calibration tokens per block used by the searches (subsampled evenly; CPU budget)
 
     def validate(self):
         super().validate()

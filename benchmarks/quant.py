@@ -1,0 +1,129 @@
+"""Quantization benchmark on the default model: method x bits x group size.
+
+    python benchmarks/quant.py --threads 1 --samples 32 --seq-len 512 --eval-chars 16000 \
+        --out docs/bench/quant.jsonl --md docs/bench/quant.md
+
+Each row runs in its own process (peak RSS is per process): load the fp32 model, time its decode
+(the side-by-side baseline for that row), apply the recipe (timed), save it (size on disk),
+perplexity on the first --eval-chars characters of the packaged evaluation text (windows of
+--ctx tokens, no overlap), decode tokens/s at batch 1. Calibration uses the packaged calibration
+text (Shakespeare + KJV; the evaluation text is Austen, so GPTQ/AWQ are scored out of domain).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS = [
+    "fp32",
+    "asym-rtn-w4-g32",  # sanity check: the weights come from a Q4_1 GGUF (asymmetric, blocks of 32)
+    "w4a16-rtn-g128", "w4a16-gptq-g128", "w4a16-awq-g128",
+    "w3a16-rtn-g128", "w3a16-gptq-g128", "w3a16-awq-g128",
+    "w4a16-rtn-g64", "w4a16-gptq-g64", "w4a16-rtn-g32", "w4a16-gptq-g32",
+    "w3a16-rtn-g64", "w3a16-gptq-g64", "w3a16-rtn-g32", "w3a16-gptq-g32",
+    "w8a16-rtn", "nf4", "w8a8-smoothquant", "w8a8-llmint8", "w2a16-gptq-g64",
+    "w4a16-awq-g64", "w3a16-awq-g64",
+]
+ASYM = "- method: rtn\n  bits: 4\n  group_size: 32\n  sym: false\n"
+
+
+def decode_tok_s(model, new_tokens=32, prompt=32):
+    from leanlm.eval.bench import time_decode
+
+    time_decode(model, 8, 2)
+    return 1.0 / sorted(time_decode(model, prompt, new_tokens, seed=r)[1] for r in range(3))[1]
+
+
+def one_row(args) -> dict:
+    import torch
+
+    import leanlm
+    from leanlm.compress.recipe import apply_recipe, load_recipe, parse_recipe
+    from leanlm.data import calibration_samples, packaged_text
+    from leanlm.eval.bench import peak_rss_mb
+    from leanlm.eval.perplexity import perplexity
+
+    torch.set_num_threads(args.threads)
+    name = args.row
+    model, tok = leanlm.load(None, dtype=torch.float32)
+    row = {"recipe": name, "threads": args.threads}
+    row["fp32_decode_tok_s"] = decode_tok_s(model)
+    t0 = time.perf_counter()
+    if name != "fp32":
+        recipe = parse_recipe(ASYM, "asym-rtn-w4-g32") if name == "asym-rtn-w4-g32" else load_recipe(name)
+        samples = (calibration_samples(tok, args.samples, args.seq_len, seed=0) if recipe.needs_data else None)
+        row["calibration"] = None if samples is None else f"{args.samples}x{args.seq_len}"
+        apply_recipe(model, recipe, samples, progress=False)
+    row["time_s"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        leanlm.save(model, tok, Path(d) / "m")
+        row["size_mb"] = (Path(d) / "m" / "model.safetensors").stat().st_size / 1e6
+    text = packaged_text("eval")[: args.eval_chars]
+    row["perplexity"] = perplexity(model, tok, text, ctx=args.ctx, stride=args.ctx, progress=False)["perplexity"]
+    row["decode_tok_s"] = decode_tok_s(model)
+    row["decode_vs_fp32"] = row["decode_tok_s"] / row["fp32_decode_tok_s"]
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
+def markdown(rows: list[dict], args) -> str:
+    base = next((r for r in rows if r["recipe"] == "fp32"), None)
+    lines = ["| recipe | calib | perplexity | ppl increase vs fp32 | size MB | decode tok/s | decode / fp32 (same process) "
+             "| quant time s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        inc = "" if base is None else f"{r['perplexity'] - base['perplexity']:+.3f}"
+        lines.append(f"| {r['recipe']} | {r.get('calibration') or '-'} | {r['perplexity']:.3f} | {inc} | "
+                     f"{r['size_mb']:.1f} | {r['decode_tok_s']:.2f} | {r['decode_vs_fp32']:.2f}x | "
+                     f"{r['time_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--row", default=None, help="run one row (internal)")
+    p.add_argument("--rows", default=None, help="comma-separated subset of rows")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-chars", type=int, default=16000)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--out", default="docs/bench/quant.jsonl")
+    p.add_argument("--md", default=None, help="write the markdown table here (stdout otherwise)")
+    args = p.parse_args()
+    if args.row:
+        print(json.dumps(one_row(args)))
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {r["recipe"] for r in rows}
+    todo = args.rows.split(",") if args.rows else ROWS
+    for name in todo:
+        if name in done:
+            continue
+        cmd = [sys.executable, __file__, "--row", name, "--threads", str(args.threads), "--samples", str(args.samples),
+               "--seq-len", str(args.seq_len), "--eval-chars", str(args.eval_chars), "--ctx", str(args.ctx)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            continue
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    table = markdown(rows, args)
+    if args.md:
+        Path(args.md).write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
