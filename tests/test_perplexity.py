@@ -165,14 +165,14 @@ def test_default_model_matches_transformers_on_same_gguf():
     from leanlm.data import packaged_text
 
     model, tok = leanlm.load()
-    text = packaged_text("eval")[:6000]
+    text = packaged_text("eval")[:3000]
     ids = tok.encode(text, add_special=False)
     ours = perplexity(model, tok, text, ctx=256, stride=128, progress=False)
     assert ours["tokens"] == len(ids) - 1
     assert 5 < ours["perplexity"] < 60 and 0.5 < ours["bits_per_byte"] < 2
     src = model.source
     folder, name = src.rsplit("/", 1)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     ref_ppl, _, ref_tokens = hf_guide_perplexity(hf, torch.tensor([ids]), 256, 128)
     assert ref_tokens == ours["tokens"]
     assert ours["perplexity"] == pytest.approx(ref_ppl, rel=1e-3)
