@@ -114,3 +114,49 @@ def test_meta_build_holds_no_memory():
                       num_kv_heads=2)
     m = build_on_meta(cfg)
     assert all(p.is_meta for p in m.parameters())
+
+
+@pytest.mark.parametrize("kind,over", [("llama", {}), ("qwen2", {}), ("qwen3", {}),
+                                       ("llama", {"attention_bias": True, "mlp_bias": True})])
+def test_fused_projections_equal_plain_path(kind, over):
+    m = to_leanlm(tiny_hf(kind, **over))
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        plain = m(ids)
+        before = sum(p.numel() for p in m.parameters())
+        m.fuse_projections()
+        assert "_gate_up" in m.model.layers[0].mlp.__dict__
+        fused = m(ids)
+    assert (fused - plain).abs().max() < 1e-5
+    assert sum(p.numel() for p in m.parameters()) == before
+    assert set(m.state_dict()) == set(to_leanlm(tiny_hf(kind, **over)).state_dict())
+
+
+def test_fused_path_steps_aside_for_hooks_swaps_and_training():
+    import torch.nn as nn
+
+    m = to_leanlm(tiny_hf("llama")).fuse_projections()
+    ids = torch.randint(0, 128, (1, 8))
+    seen = []
+    h = m.model.layers[0].self_attn.q_proj.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        m(ids)
+    h.remove()
+    assert seen, "calibration hooks must still fire on a fused model"
+    # training: gradients reach the q/k/v and gate/up parameters
+    m.train()
+    m(ids).sum().backward()
+    assert m.model.layers[0].self_attn.k_proj.weight.grad is not None
+    assert m.model.layers[0].mlp.up_proj.weight.grad is not None
+    # a swapped module is used, and the stale fused tensor is dropped
+    m.eval()
+    attn = m.model.layers[1].self_attn
+    attn.v_proj = nn.Linear(attn.v_proj.in_features, attn.v_proj.out_features, bias=False)
+    nn.init.zeros_(attn.v_proj.weight)
+    with torch.no_grad():
+        out = m(ids)
+        m2 = to_leanlm(tiny_hf("llama"))
+        m2.model.layers[1].self_attn.v_proj.weight.zero_()
+        ref = m2(ids)
+    assert (out - ref).abs().max() < 1e-5
+    assert "_qkv" not in attn.__dict__

@@ -19,6 +19,8 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig,
     """Yield, per decode step, the new token of each row (None for rows already finished)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if hasattr(model, "fuse_projections"):
+        model.fuse_projections()  # one matmul for q/k/v and for gate/up; a no-op once done
     B = len(prompts)
     P = max(len(p) for p in prompts)
     stop_ids = set(cfg.stop_token_ids or [])

@@ -21,8 +21,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference, then cast back before the weight.
         dt = x.dtype
+        if dt == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        # Normalise in fp32 like the reference, then cast back before the weight.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dt)
@@ -108,6 +110,53 @@ def attention(q, k, v, mask) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def fused_weight(owner: nn.Module, name: str, mods: tuple) -> tuple | None:
+    """The fused (weight, bias) made by fuse_linears, if it still aliases the modules' weights.
+
+    Falls back (None) while training or when a module has hooks (calibration), and drops the fused
+    tensor for good once a module was replaced (LoRA, quantization) or re-assigned (dtype change).
+    """
+    fused = owner.__dict__.get(name)
+    if fused is None:
+        return None
+    w, b, ptrs = fused
+    if (any(type(m) is not nn.Linear for m in mods) or tuple(m.weight.data_ptr() for m in mods) != ptrs
+            or w.dtype != mods[0].weight.dtype):
+        del owner.__dict__[name]  # stale: free it
+        return None
+    if torch.is_grad_enabled() and mods[0].weight.requires_grad:
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in mods):
+        return None
+    return w, b
+
+
+def fuse_linears(owner: nn.Module, name: str, mods: tuple) -> bool:
+    """Concatenate the weights of `mods` (same input) into one matrix; the modules' weights become views
+    of it, so memory is unchanged and state_dict keeps transformers' names."""
+    if any(type(m) is not nn.Linear for m in mods) or len({m.weight.dtype for m in mods}) != 1:
+        return False
+    if any(m.weight.is_meta for m in mods):
+        return False
+    if name in owner.__dict__ and fused_weight(owner, name, mods) is not None:
+        return True  # already fused and still valid
+    with torch.no_grad():
+        w = torch.cat([m.weight for m in mods])
+        has_bias = [m.bias is not None for m in mods]
+        b = None
+        if any(has_bias):
+            b = torch.cat([m.bias if m.bias is not None else w.new_zeros(m.out_features) for m in mods])
+        off = 0
+        for m in mods:
+            n = m.out_features
+            m.weight = nn.Parameter(w[off:off + n], requires_grad=m.weight.requires_grad)
+            if m.bias is not None:
+                m.bias = nn.Parameter(b[off:off + n], requires_grad=m.bias.requires_grad)
+            off += n
+    owner.__dict__[name] = (w, b, tuple(m.weight.data_ptr() for m in mods))
+    return True
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -124,6 +173,23 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
+        fused = fused_weight(self, "_qkv", (self.q_proj, self.k_proj, self.v_proj))
+        if fused is not None and not hasattr(self, "q_norm"):
+            # One matmul for q/k/v and one RoPE pass over the q and k heads together.
+            y = F.linear(x, *fused)
+            nq, nk = self.nh * self.hd, self.nkv * self.hd
+            qk = apply_rope(y[..., : nq + nk].view(B, T, self.nh + self.nkv, self.hd).transpose(1, 2), cos, sin)
+            q, k = qk[:, : self.nh], qk[:, self.nh:]
+            v = y[..., nq + nk:].view(B, T, self.nkv, self.hd).transpose(1, 2)
+        else:
+            q, k, v = self._qkv_unfused(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    def _qkv_unfused(self, x, cos, sin):
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
@@ -131,10 +197,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -146,6 +209,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
+        fused = fused_weight(self, "_gate_up", (self.gate_proj, self.up_proj))
+        if fused is not None:
+            gate, up = F.linear(x, *fused).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -216,6 +283,16 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         return self.lm_head(x)
+
+    def fuse_projections(self) -> "Transformer":
+        """Inference speed-up: q/k/v and gate/up each run as one matmul. Weights are shared, not copied;
+        any later module swap (LoRA, quantization), training or dtype change falls back to the plain path.
+        Call it again after such a change to re-fuse."""
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            fuse_linears(a, "_qkv", (a.q_proj, a.k_proj, a.v_proj))
+            fuse_linears(m, "_gate_up", (m.gate_proj, m.up_proj))
+        return self
 
     def new_cache(self, batch: int, max_len: int, valid: torch.Tensor | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len, dtype=self.dtype, valid=valid,
