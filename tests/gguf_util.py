@@ -17,16 +17,33 @@ def byte_vocab():
     return tokens, [" ".join(m) for m in merges]
 
 
+SPM_PIECES = ["\u2581", "t", "h", "e", "c", "a", "s", "n", "i", "o", "m", "\u2581t", "he", "\u2581the", "at",
+              "\u2581c", "\u2581cat", "in", "\u2581in", "\u2581s", "\u2581sat", "on", "\u2581on", "\u2581m",
+              "\u2581mat", "\u2581a"]
+
+
+def spm_vocab():
+    """A tiny SentencePiece-style vocabulary: unk, bos, eos, 256 byte tokens, then scored pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))]
+    return tokens, types, scores
+
+
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.LlamaModel.permute."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int | None = None):
+def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int | None = None,
+                    tokenizer: str = "gpt2"):
     import gguf
 
     cfg = hf_model.config
-    tokens, merges = byte_vocab()
+    if tokenizer == "gpt2":
+        tokens, merges = byte_vocab()
+    else:
+        tokens, spm_types, scores = spm_vocab()
     assert cfg.vocab_size == len(tokens), (cfg.vocab_size, len(tokens))
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
@@ -39,14 +56,24 @@ def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int |
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL)))
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    if tokenizer == "gpt2":
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL)))
+        w.add_token_merges(merges)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(False)
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_types(spm_types)
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
     w.add_chat_template(TEMPLATE)
     qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",

@@ -192,3 +192,21 @@ def test_error_shape_mismatch(capsys, hf_folder):
     cfg["intermediate_size"] = 128
     (folder / "config.json").write_text(json.dumps(cfg))
     assert "shape" in _err(capsys, ["info", str(folder)])
+
+
+def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    import transformers
+
+    from gguf_util import spm_vocab
+
+    n = len(spm_vocab()[0])
+    path = write_tiny_gguf(tmp_path / "spm.gguf", tiny_hf("llama", vocab_size=n), "F32", tokenizer="llama")
+    _, tok = leanlm.load(path, convert_cache=False)
+    htok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ["the cat sat on the mat", "the cat in the hat", "thé 42 ☃ cats", " leading space", "a"]:
+        assert tok.encode(text) == htok(text)["input_ids"], text
+        assert tok.decode(tok.encode(text)) == htok.decode(htok(text)["input_ids"], skip_special_tokens=True)
+    assert tok.encode("the cat")[0] == 1  # BOS added, as llama.cpp does for SentencePiece vocabularies
+    leanlm.save(to_leanlm(tiny_hf("llama", vocab_size=n)), tok, tmp_path / "out")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert back("the cat sat ☃")["input_ids"] == tok.encode("the cat sat ☃")

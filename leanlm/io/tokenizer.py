@@ -43,6 +43,37 @@ def _render_env():
     return env
 
 
+def spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two known pieces,
+    ranked by the piece's score (the order transformers and llama.cpp use)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _sentencepiece_bpe(f: dict, tokens: list[str], vocab: dict[str, int]):
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers
+
+    scores = f.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    unk_id = f.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None else None
+    tok = HFTok(models.BPE(vocab=vocab, merges=spm_merges(vocab, dict(zip(tokens, scores))), unk_token=unk,
+                           fuse_unk=True, byte_fallback=True))
+    prefix = f.get("tokenizer.ggml.add_space_prefix", True)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    seq = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        seq.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(seq)
+    return tok
+
+
 class Tokenizer:
     def __init__(self, tok, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, unk_token: str | None = None,
@@ -135,17 +166,24 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTok
 
         kind = f.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise LeanLMError(f"{source}: GGUF tokenizer model {kind!r} is not supported yet (byte-level BPE "
-                              "'gpt2' is); load the model's Hugging Face folder instead")
-        tokens = f["tokenizer.ggml.tokens"]
+        if kind not in ("gpt2", "llama"):
+            raise LeanLMError(f"{source}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' "
+                              "and SentencePiece BPE 'llama' are); load the model's Hugging Face folder instead")
+        tokens = f.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise LeanLMError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens; the file is incomplete")
         types = f.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in f.get("tokenizer.ggml.merges", [])]
         vocab = {t: i for i, t in enumerate(tokens)}
-        tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        if kind == "llama":
+            tok = _sentencepiece_bpe(f, tokens, vocab)
+        else:
+            merges = [tuple(m.split(" ", 1)) for m in f.get("tokenizer.ggml.merges", [])]
+            tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         pre = f.get("tokenizer.ggml.pre", "default")
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if pre == "smollm":
+        if kind == "llama":
+            pass  # Metaspace pre-tokenizer and decoder set by _sentencepiece_bpe
+        elif pre == "smollm":
             # SmolLM's tokenizer.json splits every digit (llama.cpp's "smollm" pre-type does the same).
             tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
         elif pre in _PRE_SPLITS:
@@ -154,7 +192,8 @@ class Tokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
             tok.pre_tokenizer = byte_level
-        tok.decoder = decoders.ByteLevel()
+        if kind == "gpt2":
+            tok.decoder = decoders.ByteLevel()
         # CONTROL (3) tokens are special; USER_DEFINED (4) are matched whole but not special.
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                                 for t, ty in zip(tokens, types) if ty == 3])
@@ -165,7 +204,8 @@ class Tokenizer:
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
         bos, eos = name("bos_token_id"), name("eos_token_id")
-        if f.get("tokenizer.ggml.add_bos_token") and bos:
+        add_bos = f.get("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's default for SentencePiece
+        if add_bos and bos:
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
         extra_eos = [name("eot_token_id")] if name("eot_token_id") else []
