@@ -7,7 +7,7 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.infer.sampling import GenerationConfig
-from leanlm.infer.speculative import accept_reject, generate_speculative
+from leanlm.infer.speculative import accept_reject, generate_speculative  # noqa: I001
 from leanlm.model import ModelConfig
 from leanlm.model.transformer import Transformer
 
@@ -41,17 +41,23 @@ def rand_prompt(n, seed):
     return [rng.randrange(128) for _ in range(n)]
 
 
-@pytest.mark.parametrize("kind", ["draft", "same", "lookup", "skip"])
+@pytest.mark.parametrize("kind", ["draft", "same", "lookup", "skip", "q4"])
 def test_greedy_identical(target, kind):
     prompt = rand_prompt(12, 1) * 2  # repeated, so prompt lookup finds n-grams
     ref = greedy_reference(target, prompt, 40)
     kw = {"draft": dict(draft=tiny_model(1, layers=1)), "same": dict(draft=target),
-          "lookup": dict(prompt_lookup=True), "skip": dict(skip_layers=[1, 2])}[kind]
+          "lookup": dict(prompt_lookup=True), "skip": dict(skip_layers=[1, 2])}.get(kind)
+    if kind == "q4":
+        pytest.importorskip("leanlm.compress.quant")
+        from leanlm.infer.speculative import quantized_draft
+        kw = dict(draft=quantized_draft(target, bits=4, group_size=32))
     out, st = generate_speculative(target, prompt, max_new_tokens=40, num_draft=4, **kw)
     assert out == ref
     assert st.generated == 40 and st.proposed > 0
     if kind == "same":
         assert st.acceptance_rate == 1.0 and st.rounds == 8  # 4 drafts + 1 bonus token per round
+    elif kind == "q4":
+        assert st.acceptance_rate > 0.5
     else:
         assert st.accepted < st.proposed
     stop = ref[10]
