@@ -3,10 +3,10 @@
     python benchmarks/quant.py --threads 1 --samples 32 --seq-len 512 --eval-chars 16000 \
         --out docs/bench/quant.jsonl --md docs/bench/quant.md
 
-Each row runs in its own process (peak RSS is per process): load the fp32 model, time its decode
-(the side-by-side baseline for that row), apply the recipe (timed), save it (size on disk),
-perplexity on the first --eval-chars characters of the packaged evaluation text (windows of
---ctx tokens, no overlap), decode tokens/s at batch 1. Calibration uses the packaged calibration
+Each row runs in its own process (peak RSS is per process): load the fp32 model, apply the recipe
+(timed), save it (size on disk), perplexity on the first --eval-chars characters of the packaged
+evaluation text (windows of --ctx tokens, no overlap); then load a second, fp32 copy and time
+decode at batch 1 alternately on both (5 rounds each, medians), so the ratio is side by side. Calibration uses the packaged calibration
 text (Shakespeare + KJV; the evaluation text is Austen, so GPTQ/AWQ are scored out of domain).
 """
 from __future__ import annotations
@@ -28,16 +28,26 @@ ROWS = [
     "w4a16-rtn-g64", "w4a16-gptq-g64", "w4a16-rtn-g32", "w4a16-gptq-g32",
     "w3a16-rtn-g64", "w3a16-gptq-g64", "w3a16-rtn-g32", "w3a16-gptq-g32",
     "w8a16-rtn", "nf4", "w8a8-smoothquant", "w8a8-llmint8", "w2a16-gptq-g64",
-    "w4a16-awq-g64", "w3a16-awq-g64",
+    "w4a16-gptq-g128+emb8", "w4a16-awq-g64", "w3a16-awq-g64",
 ]
-ASYM = "- method: rtn\n  bits: 4\n  group_size: 32\n  sym: false\n"
+CUSTOM = {  # rows that are not built-in recipe names
+    "asym-rtn-w4-g32": "- method: rtn\n  bits: 4\n  group_size: 32\n  sym: false\n",
+    "w4a16-gptq-g128+emb8": "- method: gptq\n  bits: 4\n  group_size: 128\n"
+                            "- method: rtn\n  bits: 8\n  targets: ['embed_tokens']\n",
+}
 
 
-def decode_tok_s(model, new_tokens=32, prompt=32):
+def decode_side_by_side(a, b, rounds=5, new_tokens=24, prompt=32):
+    """Median decode tok/s of models a and b, measured alternately (a, b, a, b, ...) so load noise hits both."""
     from leanlm.eval.bench import time_decode
 
-    time_decode(model, 8, 2)
-    return 1.0 / sorted(time_decode(model, prompt, new_tokens, seed=r)[1] for r in range(3))[1]
+    time_decode(a, 8, 2)
+    time_decode(b, 8, 2)
+    ta, tb = [], []
+    for r in range(rounds):
+        ta.append(time_decode(a, prompt, new_tokens, seed=r)[1])
+        tb.append(time_decode(b, prompt, new_tokens, seed=r)[1])
+    return 1.0 / sorted(ta)[rounds // 2], 1.0 / sorted(tb)[rounds // 2]
 
 
 def one_row(args) -> dict:
@@ -53,10 +63,9 @@ def one_row(args) -> dict:
     name = args.row
     model, tok = leanlm.load(None, dtype=torch.float32)
     row = {"recipe": name, "threads": args.threads}
-    row["fp32_decode_tok_s"] = decode_tok_s(model)
     t0 = time.perf_counter()
     if name != "fp32":
-        recipe = parse_recipe(ASYM, "asym-rtn-w4-g32") if name == "asym-rtn-w4-g32" else load_recipe(name)
+        recipe = parse_recipe(CUSTOM[name], name) if name in CUSTOM else load_recipe(name)
         samples = (calibration_samples(tok, args.samples, args.seq_len, seed=0) if recipe.needs_data else None)
         row["calibration"] = None if samples is None else f"{args.samples}x{args.seq_len}"
         apply_recipe(model, recipe, samples, progress=False)
@@ -66,9 +75,10 @@ def one_row(args) -> dict:
         row["size_mb"] = (Path(d) / "m" / "model.safetensors").stat().st_size / 1e6
     text = packaged_text("eval")[: args.eval_chars]
     row["perplexity"] = perplexity(model, tok, text, ctx=args.ctx, stride=args.ctx, progress=False)["perplexity"]
-    row["decode_tok_s"] = decode_tok_s(model)
+    row["peak_rss_mb"] = peak_rss_mb()  # before the fp32 reference copy is loaded for the speed test
+    fp32, _ = leanlm.load(None, dtype=torch.float32)
+    row["fp32_decode_tok_s"], row["decode_tok_s"] = decode_side_by_side(fp32, model)
     row["decode_vs_fp32"] = row["decode_tok_s"] / row["fp32_decode_tok_s"]
-    row["peak_rss_mb"] = peak_rss_mb()
     return row
 
 

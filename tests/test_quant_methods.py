@@ -1,4 +1,6 @@
 """NF4/FP4, SmoothQuant W8A8, LLM.int8() and AWQ: fast paths vs references, and each method's reason to exist."""
+import json
+
 import pytest
 import torch
 
@@ -152,3 +154,45 @@ def test_methods_through_runner_and_checkpoint(recipe, tmp_path):
     fresh.tie_weights()
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), y)
+
+
+def test_int8_embedding_and_tied_head_roundtrip(tmp_path):
+    import leanlm
+    from leanlm.compress.quant.embedding import QuantEmbedding, TiedInt8Head
+    from leanlm.compress.recipe import apply_recipe, parse_recipe
+    from leanlm.errors import LeanLMError
+
+    model = tiny_model()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref = model(x)
+    text = "- method: rtn\n  bits: 4\n  group_size: 32\n- method: rtn\n  bits: 8\n  targets: ['embed_tokens']\n"
+    apply_recipe(model, parse_recipe(text, "e.yaml"), None, progress=False)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, TiedInt8Head)
+    emb = model.model.embed_tokens
+    assert (emb.weight - model.model.embed_tokens.weight).abs().max() == 0
+    assert ((emb.weight - ref.new_tensor(0)).shape == (128, 64))
+    h = torch.randn(3, 64)
+    QuantEmbedding.fast = False
+    try:
+        slow = model.lm_head(h)
+    finally:
+        QuantEmbedding.fast = True
+    torch.testing.assert_close(slow, h @ emb.weight.T)
+    assert rel(model.lm_head(h), slow) < 6e-3
+    with torch.no_grad():
+        y = model(x)
+    assert rel(y, ref) < 0.5
+    leanlm.save(model, None, tmp_path / "m")  # through the real files (memory-mapped on load)
+    from leanlm.io.checkpoint import _read_safetensors, build_on_meta, materialize
+
+    back = materialize(build_on_meta(model.config), _read_safetensors(tmp_path / "m"), "m",
+                       meta=json.loads((tmp_path / "m" / "config.json").read_text())["leanlm_compression"])
+    assert isinstance(back.lm_head, TiedInt8Head)
+    with torch.no_grad():
+        assert torch.equal(back(x), y)
+    bad = "- method: rtn\n  bits: 4\n  targets: ['embed_tokens']\n"
+    with pytest.raises(LeanLMError, match="e.yaml:2: .*8 bits only"):
+        apply_recipe(tiny_model(), parse_recipe(bad, "e.yaml"), None, progress=False)

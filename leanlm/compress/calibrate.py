@@ -54,6 +54,8 @@ class _Stop(Exception):
 def set_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+    if hasattr(new, "on_install"):  # e.g. an int8 embedding re-points a tied lm_head at its table
+        new.on_install(model, name)
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str], layer_types=(nn.Linear,)) -> list[str]:

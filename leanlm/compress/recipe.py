@@ -24,9 +24,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch.nn as nn
 
 from leanlm.compress.calibrate import Method, Step, run_steps, select_modules
 from leanlm.errors import LeanLMError
@@ -151,7 +154,7 @@ def _check_type(value, tp) -> bool:
     if isinstance(tp, str):
         tp = {"int": int, "float": float, "bool": bool, "str": str}.get(tp.split(" |")[0].strip(), object)
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_check_type(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
@@ -206,12 +209,16 @@ def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:
         if "ignore" in names:
             fields["ignore"] = s.ignore
         cfg = build_config(cls, fields, where)
-        types = how.layer_types if isinstance(how, Method) else (__import__("torch").nn.Linear,)
-        modules = select_modules(model, s.targets, s.ignore, types)
+        layer_types = how.layer_types if isinstance(how, Method) else (nn.Linear,)
+        modules = select_modules(model, s.targets, s.ignore, layer_types)
         if not modules:
             key = "targets" if "targets" in s.field_lines else "method"
             raise LeanLMError(f"{where(key)}: targets {s.targets} (ignoring {s.ignore}) match no layer of this "
                               "model; module names look like model.layers.0.self_attn.q_proj")
+        emb = [n for n in modules if isinstance(model.get_submodule(n), nn.Embedding)]
+        if emb and getattr(cfg, "bits", 8) != 8:
+            raise LeanLMError(f"{where('bits')}: {emb[0]} is an embedding; embeddings quantize to 8 bits only "
+                              "(give it its own step with bits: 8)")
         if (model.config.tie_word_embeddings and "lm_head" in modules):
             raise LeanLMError(f"{where('targets')}: lm_head is tied to the embedding in this model; "
                               "add 'lm_head' to the step's ignore list")

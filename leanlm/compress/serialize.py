@@ -76,8 +76,8 @@ def restore(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
         except AttributeError:
             raise LeanLMError(f"{source}: compressed module {name} does not exist in this architecture; "
                               "config.json and leanlm_compression disagree")
-        if not isinstance(old, nn.Linear):
-            raise LeanLMError(f"{source}: {name} is not a linear layer; cannot hold a {tname}")
+        if not isinstance(old, (nn.Linear, nn.Embedding)):
+            raise LeanLMError(f"{source}: {name} is not a linear or embedding layer; cannot hold a {tname}")
         try:
             with torch.device(device):
                 new = types[tname](**cfg)

@@ -1,7 +1,10 @@
 """Quantization methods: name -> (config dataclass, Method of pure functions). See calibrate.py for the runner."""
 from __future__ import annotations
 
+import torch.nn as nn
+
 from leanlm.compress.calibrate import Method
+from leanlm.compress.quant.embedding import QuantEmbedding
 from leanlm.compress.quant.awq import AWQConfig, awq_block
 from leanlm.compress.quant.gptq import (GPTQConfig, RTNConfig, gptq_accumulate, gptq_init, gptq_solve,
                                         rtn_solve)
@@ -11,7 +14,7 @@ from leanlm.compress.quant.nf4 import NF4Config, NF4Linear, nf4_solve
 from leanlm.compress.quant.qlinear import QuantLinear
 
 METHODS: dict[str, tuple[type, Method]] = {
-    "rtn": (RTNConfig, Method(solve=rtn_solve, needs_data=False, replaces=True)),
+    "rtn": (RTNConfig, Method(solve=rtn_solve, needs_data=False, replaces=True, layer_types=(nn.Linear, nn.Embedding))),
     "gptq": (GPTQConfig, Method(init=gptq_init, accumulate=gptq_accumulate, solve=gptq_solve, replaces=True)),
     "awq": (AWQConfig, Method(block=awq_block, replaces=True)),
     "nf4": (NF4Config, Method(solve=nf4_solve, needs_data=False, replaces=True)),
@@ -21,7 +24,8 @@ METHODS: dict[str, tuple[type, Method]] = {
 }
 
 # class name -> class, for checkpoints (leanlm.compress.serialize)
-MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear, "NF4Linear": NF4Linear, "W8A8Linear": W8A8Linear}
+MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear, "NF4Linear": NF4Linear, "W8A8Linear": W8A8Linear,
+                                 "QuantEmbedding": QuantEmbedding}
 
 __all__ = ["METHODS", "MODULE_TYPES", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
            "AWQConfig", "NF4Config", "SmoothQuantConfig", "LLMInt8Config"]

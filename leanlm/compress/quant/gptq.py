@@ -47,7 +47,11 @@ class GPTQConfig(RTNConfig):
             raise ValueError("block_size must be >= 1")
 
 
-def rtn_solve(state, layer: nn.Linear, cfg: RTNConfig) -> QuantLinear:
+def rtn_solve(state, layer: nn.Linear, cfg: RTNConfig) -> nn.Module:
+    if isinstance(layer, nn.Embedding):
+        from leanlm.compress.quant.embedding import QuantEmbedding
+
+        return QuantEmbedding.from_embedding(layer)  # bits == 8, checked when the recipe is resolved
     codes, s, o = rtn_quantize(layer.weight.detach(), cfg.bits, cfg.group_size, cfg.sym)
     return QuantLinear.from_codes(codes, s, o, cfg.bits, cfg.group_size, cfg.sym, bias=layer.bias)
 

@@ -62,6 +62,12 @@ class W8A8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.n_outliers}"
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Own, aligned memory: torch._int_mm must not read tensors memory-mapped from safetensors.
+        if prefix + "qweight" in state_dict:
+            state_dict[prefix + "qweight"] = state_dict[prefix + "qweight"].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def from_weight(cls, w: torch.Tensor, bias=None, outlier_idx: torch.Tensor | None = None) -> "W8A8Linear":
         w = w.detach().float()
