@@ -63,8 +63,13 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool):
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> torch.Tensor:
-    K = codes.shape[1]
-    return codes.float() * expand_groups(scales.float(), group_size, K) + expand_groups(offsets.float(), group_size, K)
+    N, K = codes.shape
+    G = scales.shape[1]
+    w = codes.float()
+    if G * group_size != K:  # shorter last group: pad to whole groups, then cut
+        w = torch.nn.functional.pad(w, (0, G * group_size - K))
+    w = w.view(N, G, -1).mul_(scales.float()[:, :, None]).add_(offsets.float()[:, :, None])
+    return w.view(N, -1)[:, :K]
 
 
 # ---- bit packing: codes of `bits` bits along the input dimension, little-endian bit stream ----
@@ -97,6 +102,11 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     N = packed.shape[0]
     if bits == 8:
         return packed[:, :in_features].to(torch.uint8)
+    if bits in (2, 4):  # fast path: shifts on uint8, no int64 temporaries
+        per = 8 // bits
+        mask = 2 ** bits - 1
+        c = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], -1)
+        return c.view(N, -1)[:, :in_features]
     per = 8 if bits not in (1, 2, 4) else 8 // bits
     nbytes = bits if per == 8 else 1
     p = packed.to(torch.int64)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from leanlm.compress.quant.grid import dequantize, pack, packed_width, unpack
 
 KERNEL_GROUPS = (256, 128, 64, 32)
+PREFILL_ROWS = 128
 
 
 class QuantLinear(nn.Module):
@@ -131,6 +132,10 @@ class QuantLinear(nn.Module):
         k = self._kernel
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] >= PREFILL_ROWS and k[0] != "dequant":
+            # many rows (prefill, perplexity, calibration): dequantize once and run the fp32 GEMM, which
+            # is no slower than the bf16 kernels there and exact in fp32; the kernels win at decode
+            k = ("dequant",)
         if k[0] == "int4pack":
             _, packed, kg, sz, Kp = k
             xb = x2.to(torch.bfloat16)
