@@ -50,7 +50,7 @@ def test_greedy_identical(target, kind):
     if kind == "q4":
         pytest.importorskip("leanlm.compress.quant")
         from leanlm.infer.speculative import quantized_draft
-        kw = dict(draft=quantized_draft(target, bits=4, group_size=32))
+        kw = dict(draft=quantized_draft(target))
     out, st = generate_speculative(target, prompt, max_new_tokens=40, num_draft=4, **kw)
     assert out == ref
     assert st.generated == 40 and st.proposed > 0
