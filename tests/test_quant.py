@@ -208,3 +208,18 @@ def test_runner_shares_hessian_between_qkv_and_feeds_quantized_outputs():
         before = _layer_inputs(original, row, "model.layers.1.self_attn.q_proj")
         torch.testing.assert_close(calls[3 + i], after)
         assert not torch.allclose(calls[3 + i], before, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_default_model_weights_sit_on_an_asymmetric_4bit_g32_grid():
+    """The default model comes from a Q4_1 GGUF: asymmetric RTN with groups of 32 gives its weights back."""
+    import leanlm
+
+    model, _ = leanlm.load()
+    for name in ["model.layers.0.self_attn.q_proj", "model.layers.15.mlp.down_proj", "model.layers.29.mlp.up_proj"]:
+        w = model.get_submodule(name).weight.detach()
+        codes, s, o = rtn_quantize(w, 4, 32, sym=False)
+        err = ((dequantize(codes, s, o, 32) - w).norm() / w.norm()).item()
+        sym_codes, ss, so = rtn_quantize(w, 4, 128, sym=True)
+        err_g128 = ((dequantize(sym_codes, ss, so, 128) - w).norm() / w.norm()).item()
+        assert err < 1e-3 < 0.05 < err_g128, (name, err, err_g128)

@@ -196,10 +196,9 @@ def _per_layer_pass(ctx: BlockContext, step: Step, names: list[str]):
 def _progress(enabled: bool):
     if not enabled:
         return None
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from leanlm.report import progress  # rich, on stderr (stdout stays clean for --json)
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), transient=True)
+    return progress()
 
 
 @torch.no_grad()

@@ -80,8 +80,10 @@ def run(args) -> int:
         text = packaged_text("eval")
         if args.eval_chars:
             text = text[: args.eval_chars]
+    from leanlm.api import model_bytes
+
     before = measure(model, tok, text, args.ctx) if not args.no_eval else {}
-    before["size_mb"] = before.get("weights_mb", 0.0) or None
+    before["size_mb"] = model_bytes(model) / 1e6  # what an uncompressed save of these weights holds
     t0 = time.perf_counter()
     samples = load_samples(args, tok, recipe)
     apply_recipe(model, recipe, samples, progress=not args.json)
