@@ -190,3 +190,20 @@ def test_bench_concurrency_runs(model):
         e = r["engine"][n]
         assert e["identical_outputs"] == 6 and e["tokens_per_s"] > 0 and e["latency_p99"] >= e["latency_p50"]
     assert r["engine"][4]["steps"] < r["engine"][1]["steps"]
+    r = bench_concurrency(model, concurrency=2, prompt_len=8, new_tokens=3, engine_kwargs=dict(block_size=4))
+    assert r["requests"] == 4 and r["x2_tokens_per_s"] > 0 and r["engine"][2]["identical_outputs"] == 4
+
+
+def test_sliding_window_model():
+    """Mistral-style sliding window: the paged masks apply the window like the uncached forward."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=8))
+    m = Transformer(ModelConfig.from_hf(hf.config.to_dict()))
+    m.load_state_dict(hf.state_dict(), strict=False)
+    m.eval()
+    assert m.config.sliding_window == 8
+    eng = Engine(m, block_size=4, num_blocks=64, max_batch_tokens=10)
+    check_equal(m, eng, prompts(4, 5, 20, seed=12), 10)

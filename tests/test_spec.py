@@ -135,6 +135,14 @@ def test_accept_reject_rule_exact():
     assert stat < chi2_crit(df)
 
 
+def test_stop_ids_alias(target):
+    prompt = rand_prompt(8, 3)
+    ref = greedy_reference(target, prompt, 12)
+    out, _ = generate_speculative(target, prompt, GenerationConfig(max_new_tokens=12), prompt_lookup=True,
+                                  stop_ids=[ref[5]])
+    assert out == ref[:ref.index(ref[5]) + 1]
+
+
 def test_bad_arguments(target):
     with pytest.raises(LeanLMError):
         generate_speculative(target, [1, 2], max_new_tokens=4)  # no proposer

@@ -319,9 +319,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 @torch.inference_mode()
-def bench_concurrency(model, prompts: list[list[int]], max_new_tokens: int = 64,
-                      concurrency: tuple[int, ...] = (1, 4, 16, 32), sequential: bool = True,
-                      engine_kwargs: dict | None = None, progress=None) -> dict:
+def bench_concurrency(model, prompts: list[list[int]] | None = None, max_new_tokens: int = 64,
+                      concurrency: int | tuple[int, ...] = (1, 4, 16, 32), sequential: bool = True,
+                      engine_kwargs: dict | None = None, progress=None, *, prompt_len: int = 128,
+                      new_tokens: int | None = None, num_requests: int | None = None, seed: int = 0) -> dict:
     """Generated tokens/s and latency of the engine with N concurrent clients vs one request at a time.
 
     Closed loop: each of N clients sends its next prompt as soon as its previous one finishes.
@@ -329,11 +330,23 @@ def bench_concurrency(model, prompts: list[list[int]], max_new_tokens: int = 64,
     same work. The sequential baseline is plain generation (static KV cache, batch 1) request after
     request. Returns {"sequential": {...}, "engine": {N: {...}}, ...} with tokens_per_s,
     p50/p99 latency (s), mean time to first token (s), speed-up over sequential and how many
-    outputs are identical to the sequential ones.
+    outputs are identical to the sequential ones. Flat keys (sequential_tokens_per_s,
+    x{N}_tokens_per_s, x{N}_speedup, x{N}_latency_p50_s, x{N}_latency_p99_s) summarise it for a table.
+    Without prompts: num_requests (default 2 x the largest N) random prompts of prompt_len ids.
     """
     from leanlm.infer.generate import generate_tokens
     from leanlm.infer.sampling import GenerationConfig
 
+    if isinstance(concurrency, int):
+        concurrency = (concurrency,)
+    if new_tokens is not None:
+        max_new_tokens = new_tokens
+    if not concurrency or min(concurrency) < 1 or max_new_tokens < 1:
+        raise LeanLMError("bench_concurrency: concurrency and new tokens must be at least 1")
+    if prompts is None:
+        g = torch.Generator().manual_seed(seed)
+        n = num_requests or 2 * max(concurrency)
+        prompts = torch.randint(0, model.config.vocab_size, (n, prompt_len), generator=g).tolist()
     out: dict = {"requests": len(prompts), "max_new_tokens": max_new_tokens,
                  "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "engine": {}}
     ref = None
@@ -383,4 +396,12 @@ def bench_concurrency(model, prompts: list[list[int]], max_new_tokens: int = 64,
             r["identical_outputs"] = sum(got[i] == ref[i] for i in range(len(prompts)))
         out["engine"][n] = r
         eng.cache.alloc.check_whole()
+    if ref is not None:
+        out["sequential_tokens_per_s"] = out["sequential"]["tokens_per_s"]
+    for n, r in out["engine"].items():
+        out[f"x{n}_tokens_per_s"] = r["tokens_per_s"]
+        if ref is not None:
+            out[f"x{n}_speedup"] = r["speedup"]
+        out[f"x{n}_latency_p50_s"] = r["latency_p50"]
+        out[f"x{n}_latency_p99_s"] = r["latency_p99"]
     return out

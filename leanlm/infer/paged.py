@@ -154,6 +154,7 @@ class PagedKVCache:
             self._step = dict(layout=layout, batch=batch, T=len(q_pos), write=write, read=read,
                               positions=q_pos.unsqueeze(0), q_pos=q_pos[:, None], k_pos=k_pos[None],
                               same=(q_seq[:, None] == k_seq[None]))
+            self._to_device()
             return 1, len(q_pos)
         if layout != "rows":
             raise ValueError(f"unknown layout {layout!r}")
@@ -174,7 +175,12 @@ class PagedKVCache:
                           positions=q_pos, q_valid=q_valid, k_valid=k_valid, q_pos=q_pos[:, :, None],
                           k_pos=torch.arange(L)[None, None], uniform=(T == 1 and all(
                               c + n == L for n, c in zip(news, ctx))))
+        self._to_device()
         return B, T
+
+    def _to_device(self) -> None:
+        if str(self.device) != "cpu":
+            self._step = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in self._step.items()}
 
     def begin(self, T: int, positions, window: int | None):
         st = self._step

@@ -185,14 +185,18 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int], ge
 @torch.inference_mode()
 def generate_speculative(model, prompt_ids: list[int], cfg: GenerationConfig | None = None, *, draft=None,
                          prompt_lookup: bool = False, skip_layers: list[int] | None = None, self_speculative=False,
-                         num_draft: int = 4, max_ngram: int = 3, **overrides) -> tuple[list[int], SpecStats]:
+                         num_draft: int = 4, max_ngram: int = 3, stop_ids=None,
+                         **overrides) -> tuple[list[int], SpecStats]:
     """Generate with speculative decoding; returns (new token ids, SpecStats).
 
     Pick one proposer: draft=<model> | prompt_lookup=True | self_speculative=True (skip_layers, or
     a default quarter of the layers). cfg/overrides as leanlm.infer.sampling.GenerationConfig
-    (max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos).
+    (max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos); stop_ids (e.g. the
+    tokenizer's eos_ids) is used when the config names no stop_token_ids.
     """
     cfg = replace(cfg or GenerationConfig(), **overrides)
+    if stop_ids is not None and cfg.stop_token_ids is None:
+        cfg = replace(cfg, stop_token_ids=list(stop_ids))
     if cfg.repetition_penalty != 1.0:
         raise LeanLMError("speculative decoding does not support repetition_penalty; leave it at 1.0")
     if not prompt_ids:

@@ -322,7 +322,7 @@ class Server:
 
 
 def usage(prompts, n, choices) -> dict:
-    p = sum(len(x) for x in prompts) * n
+    p = sum(len(x) for x in prompts)  # as OpenAI: the prompt counts once, whatever n
     c = sum(len(ch.ids) for ch in choices.values())
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
