@@ -160,3 +160,25 @@ def test_fused_path_steps_aside_for_hooks_swaps_and_training():
         ref = m2(ids)
     assert (out - ref).abs().max() < 1e-5
     assert "_qkv" not in attn.__dict__
+
+
+FAMILIES = [("llama", {}), ("mistral", {"sliding_window": 8}), ("qwen2", {}), ("qwen3", {"head_dim": 32}),
+            ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1})]
+
+
+@pytest.mark.parametrize("kind,over", FAMILIES + [("llama", {"rope_scaling": r}) for r in ROPE.values() if r])
+def test_save_pretrained_checkpoints_load_with_same_logits(tmp_path, kind, over):
+    """The full path users take: transformers' save_pretrained folder -> leanlm.load -> same logits."""
+    import leanlm
+    from gguf_util import byte_vocab, write_tiny_gguf
+
+    nv = len(byte_vocab()[0])
+    hf = tiny_hf(kind, vocab_size=nv, **over)
+    hf.save_pretrained(tmp_path / "m")
+    _, tok = leanlm.load(write_tiny_gguf(tmp_path / "t.gguf", tiny_hf("llama", vocab_size=nv)), convert_cache=False)
+    tok.save(tmp_path / "m")
+    m, _ = leanlm.load(tmp_path / "m")
+    ids = torch.randint(0, nv, (2, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (m(ids) - ref).abs().max().item() <= 1e-4
