@@ -146,3 +146,16 @@ def test_schedule_and_errors():
         for p in m.parameters():
             p.requires_grad_(False)
         train(m, dataset(), TrainConfig(max_steps=1, progress=False))
+
+
+def test_trains_after_generation_in_inference_mode():
+    """Generation (torch.inference_mode, fused projections, RoPE tables) before training must not break it."""
+    from leanlm.infer.generate import generate_tokens
+    from leanlm.infer.sampling import GenerationConfig
+
+    m = tiny()
+    list(generate_tokens(m, [[1, 2, 3]], GenerationConfig(max_new_tokens=3)))
+    tied = m.lm_head.weight is m.model.embed_tokens.weight
+    m = apply(m, "lora", r=4, alpha=8)
+    res = train(m, dataset(), TrainConfig(max_steps=3, batch_size=8, lr=1e-2, progress=False))
+    assert len(res.losses) == 3 and (m.lm_head.weight is m.model.embed_tokens.weight) == tied

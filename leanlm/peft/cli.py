@@ -80,7 +80,9 @@ def method_options(args) -> dict:
 def prepare(model, tokenizer, method: str, options: dict):
     """Apply `method` to the model; returns the model to train."""
     from leanlm.peft import apply
+    from leanlm.train.loop import drop_inference_tensors
 
+    drop_inference_tensors(model)  # measuring accuracy first ran generation under inference_mode
     if method == "mezo":
         for p in model.parameters():
             p.requires_grad_(True)
