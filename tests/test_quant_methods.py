@@ -196,3 +196,15 @@ def test_int8_embedding_and_tied_head_roundtrip(tmp_path):
     bad = "- method: rtn\n  bits: 4\n  targets: ['embed_tokens']\n"
     with pytest.raises(LeanLMError, match="e.yaml:2: .*8 bits only"):
         apply_recipe(tiny_model(), parse_recipe(bad, "e.yaml"), None, progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq-g32", "w4a16-awq-g32", "w8a8-smoothquant", "nf4"])
+def test_bf16_models_quantize_and_run_in_bf16(recipe):
+    from leanlm.compress.recipe import apply_recipe, load_recipe
+
+    x = torch.randint(0, 128, (2, 16))
+    model = tiny_model().to(torch.bfloat16)
+    ref = model(x).float()
+    apply_recipe(model, load_recipe(recipe), torch.randint(0, 128, (4, 16)), progress=False)
+    y = model(x)
+    assert y.dtype == torch.bfloat16 and rel(y.float(), ref) < 0.5

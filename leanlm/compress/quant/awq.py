@@ -44,6 +44,7 @@ def fake_quant(w: torch.Tensor, cfg: RTNConfig) -> torch.Tensor:
 @torch.no_grad()
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], cfg: AWQConfig) -> torch.Tensor:
     W = torch.cat([w.float() for w in weights])
+    x = x.float()
     ref = x @ W.t()
     x_mean = x.abs().mean(0).clamp_min(1e-6)
     best, best_s = float("inf"), torch.ones_like(x_mean)
@@ -61,7 +62,7 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], cfg: AWQConfig) -
 @torch.no_grad()
 def clip_weight(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
     """Per (row, group): shrink the group's [min, max] by the ratio with the least output error, clamp."""
-    w = w.float()
+    w, x = w.float(), x.float()
     N, K = w.shape
     g = cfg.group_size if 0 < cfg.group_size < K else K
     out = w.clone()
@@ -89,7 +90,7 @@ def clip_weight(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
 @torch.no_grad()
 def awq_block(ctx: BlockContext, cfg: AWQConfig):
     prefix = f"model.layers.{ctx.index}."
-    X = ctx.capture(ctx.modules, max_tokens=cfg.max_tokens)
+    X = {n: v.float() for n, v in ctx.capture(ctx.modules, max_tokens=cfg.max_tokens).items()}
     targets = set(ctx.modules)
     for prev, how, rel in smoothing_groups(ctx.block):
         names = [prefix + r for r in rel]

@@ -126,7 +126,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not QuantLinear.fast:
-            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+            return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self._kernel is None:
             self._build_kernel()
         k = self._kernel
