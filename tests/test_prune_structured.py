@@ -112,3 +112,20 @@ def test_bad_structured_config():
     m, _ = tiny(layers=2)
     with pytest.raises(LeanLMError):
         st.plan(m, st.StructuredConfig(target=0.2, skip_first=1, skip_last=1))
+
+
+def test_pruned_model_generates_through_engine():
+    from leanlm.infer.engine import Engine, SamplingParams
+    m, _ = tiny()
+    sa = [st.attention_group_importance(b.self_attn, None, "magnitude") for b in m.model.layers]
+    sm = [st.mlp_channel_importance(b.mlp, None, "magnitude") for b in m.model.layers]
+    st.shrink(m, *st.keep_sets(sa, sm, [1, 2, 0], [40, 16, 0]))
+    st.drop_blocks(m, [1])
+    assert m.config.layer_num_kv_heads == [3, 4]
+    prompt = [5, 17, 33, 2, 90]
+    ids = list(prompt)
+    with torch.no_grad():  # reference: greedy with a full recompute each step, no cache
+        for _ in range(6):
+            ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+    got = Engine(m).generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert got == ids[len(prompt):]
