@@ -6,8 +6,9 @@
 Each row runs in its own process (peak RSS is per process): load the fp32 model, apply the recipe
 (timed), save it (size on disk), perplexity on the first --eval-chars characters of the packaged
 evaluation text (windows of --ctx tokens, no overlap); then load a second, fp32 copy and time
-decode at batch 1 alternately on both (5 rounds each, medians), so the ratio is side by side. Calibration uses the packaged calibration
-text (Shakespeare + KJV; the evaluation text is Austen, so GPTQ/AWQ are scored out of domain).
+decode at batch 1 alternately on both (5 rounds each, medians), so the ratio is side by side.
+Calibration uses the packaged calibration text (Shakespeare + KJV; the evaluation text is Austen,
+so GPTQ/AWQ are scored out of their calibration domain).
 """
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def one_row(args) -> dict:
 
 def markdown(rows: list[dict], args) -> str:
     base = next((r for r in rows if r["recipe"] == "fp32"), None)
-    lines = ["| recipe | calib | perplexity | ppl increase vs fp32 | size MB | decode tok/s | decode / fp32 (same process) "
-             "| quant time s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | calib | perplexity | ppl increase vs fp32 | size MB | decode tok/s "
+             "| decode / fp32 (same process) | quant time s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         inc = "" if base is None else f"{r['perplexity'] - base['perplexity']:+.3f}"
         lines.append(f"| {r['recipe']} | {r.get('calibration') or '-'} | {r['perplexity']:.3f} | {inc} | "

@@ -38,7 +38,8 @@ def test_gptq_export_matches_documented_layout(tmp_path, recipe):
     t = load_file(str(tmp_path / "g" / "model.safetensors"))
     for name in ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]:
         m = model.get_submodule(name)
-        assert t[f"{name}.qweight"].dtype == torch.int32 and t[f"{name}.qweight"].shape == (m.in_features // 8, m.out_features)
+        qweight = t[f"{name}.qweight"]
+        assert qweight.dtype == torch.int32 and qweight.shape == (m.in_features // 8, m.out_features)
         assert t[f"{name}.scales"].shape == (-(-m.in_features // m.group_size), m.out_features)
         np.testing.assert_allclose(read_gptq_linear(t, name), m.dequantized_weight().numpy(), rtol=0, atol=1e-6)
     assert "model.layers.0.self_attn.k_proj.weight" not in t and t["model.norm.weight"].dtype == torch.float16

@@ -126,7 +126,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not QuantLinear.fast:
-            return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         if self._kernel is None:
             self._build_kernel()
         k = self._kernel
