@@ -118,9 +118,10 @@ def test_prefix_sharing(model):
 
 
 def test_join_leave_abort_accounting(model):
-    eng = Engine(model, block_size=4, num_blocks=30, max_batch_tokens=16, max_num_seqs=4)
+    eng = Engine(model, block_size=4, num_blocks=16, max_batch_tokens=16, max_num_seqs=4)
     rng = random.Random(7)
     ps = prompts(12, 2, 30, seed=8)
+    ps += [ps[0] + [3, 4, 5], ps[1][:9] + [7], list(ps[0])]  # shared prefixes too
     want, got, live = {}, {}, []
     for step in range(400):
         if ps and rng.random() < 0.4:
@@ -143,6 +144,7 @@ def test_join_leave_abort_accounting(model):
     for rid, p in want.items():
         assert got[rid] == greedy_reference(model, p, len(got[rid]))
     eng.cache.alloc.check_whole()
+    assert eng.stats["preemptions"] > 0 and eng.stats["prefix_hit_tokens"] > 0
 
 
 def test_stop_and_sampling_seed(model):

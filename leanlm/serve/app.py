@@ -193,7 +193,7 @@ class Server:
             max_tokens=max_tokens,
             temperature=float(_get(body, "temperature", (int, float), 1.0, lo=0, hi=2)),
             top_p=float(_get(body, "top_p", (int, float), 1.0, lo=1e-6, hi=1)),
-            top_k=_get(body, "top_k", int, 0, lo=0),
+            top_k=_get(body, "top_k", int, 0, lo=-1),  # -1: off, as vLLM
             seed=_get(body, "seed", int, None),
             ignore_eos=_get(body, "ignore_eos", bool, False),
             repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 1.0, lo=0.01, hi=10)),
