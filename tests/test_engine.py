@@ -209,3 +209,21 @@ def test_sliding_window_model():
     assert m.config.sliding_window == 8
     eng = Engine(m, block_size=4, num_blocks=64, max_batch_tokens=10)
     check_equal(m, eng, prompts(4, 5, 20, seed=12), 10)
+
+
+@pytest.mark.slow
+def test_default_model_engine_matches_plain_generation(default_model):
+    """SmolLM2-135M: batched engine output (chunked prefill, shared prefix) equals plain greedy generation."""
+    from leanlm.infer.generate import generate_tokens
+    from leanlm.infer.sampling import GenerationConfig
+
+    model, tok = default_model
+    sys_prompt = "You are a helpful assistant. Answer in one short sentence."
+    ps = [tok.encode_chat([{"role": "system", "content": sys_prompt}, {"role": "user", "content": q}])
+          for q in ("What is the capital of France?", "Name a primary colour.", "What is 2 + 2?")]
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True, stop_token_ids=[])
+    ref = [[s[0] for s in generate_tokens(model, [p], cfg)] for p in ps]
+    eng = Engine(model, block_size=16, num_blocks=64, max_batch_tokens=48, max_num_seqs=3)
+    assert eng.generate(ps, SamplingParams(max_tokens=8, ignore_eos=True)) == ref
+    assert eng.stats["prefix_hit_tokens"] > 0
+    eng.cache.alloc.check_whole()
