@@ -84,6 +84,27 @@ def one(args) -> dict:
     return out
 
 
+def table(paths: list[str]) -> str:
+    """Markdown table of result files (one JSON object per line), perplexity ratio against `dense`."""
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    dense = next((r for r in rows if r["recipe"] == "dense"), None)
+    out = ["| recipe | params removed | block sparsity | perplexity | x dense | safetensors MB | compress s | peak RSS MB "
+           "| decode tok/s (dense) | prefill tok/s (dense) |", "|" + "---|" * 10]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['recipe']} | error: {r['error']} |" + " |" * 8)
+            continue
+        ratio = f"{r['perplexity'] / dense['perplexity']:.2f}" if dense else ""
+        dec = (f"{r['decode_tok_s']:.1f} ({r['dense_decode_tok_s']:.1f}) = {r['decode_speedup']:.2f}x"
+               if "decode_tok_s" in r else "")
+        pre = (f"{r['prefill_tok_s']:.0f} ({r['dense_prefill_tok_s']:.0f}) = {r['prefill_speedup']:.2f}x"
+               if "prefill_tok_s" in r else "")
+        out.append(f"| {r['recipe']} | {r['params_removed']:.1%} | {r.get('block_linear_sparsity', 0):.1%} "
+                   f"| {r['perplexity']:.2f} | {ratio} | {r['safetensors_mb']:.0f} | {r.get('compress_s', 0):.0f} "
+                   f"| {r['peak_rss_mb']:.0f} | {dec} | {pre} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", default="dense," + DEFAULT)
@@ -98,9 +119,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--out", default=None, help="append one JSON object per recipe to this file")
+    p.add_argument("--table", nargs="+", default=None, help="print a markdown table of result files and exit")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--speed-one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     if args.one:
         print(json.dumps(one(args)))
         return 0
