@@ -207,12 +207,17 @@ class PagedKVCache:
         if st["layout"] == "packed":  # k [1, nkv, N, D]
             pk[st["write"]] = k[0].transpose(0, 1)
             pv[st["write"]] = v[0].transpose(0, 1)
-            return pk[st["read"]].transpose(0, 1)[None], pv[st["read"]].transpose(0, 1)[None]
+            # index_select is ~2x faster than advanced indexing for this gather on CPU
+            r = st["read"]
+            return pk.index_select(0, r).transpose(0, 1)[None], pv.index_select(0, r).transpose(0, 1)[None]
         qv = st["q_valid"].reshape(-1)  # k [B, nkv, T, D]
         B, H, T, D = k.shape
         pk[st["write"]] = k.transpose(1, 2).reshape(B * T, H, D)[qv]
         pv[st["write"]] = v.transpose(1, 2).reshape(B * T, H, D)[qv]
-        return pk[st["read"]].transpose(1, 2), pv[st["read"]].transpose(1, 2)
+        flat = st["read"].view(-1)
+        shape = (*st["read"].shape, H, D)
+        return (pk.index_select(0, flat).view(shape).transpose(1, 2),
+                pv.index_select(0, flat).view(shape).transpose(1, 2))
 
     def end(self):
         for s, n in self._step["batch"]:
