@@ -182,3 +182,18 @@ def test_save_pretrained_checkpoints_load_with_same_logits(tmp_path, kind, over)
     with torch.no_grad():
         ref = hf(ids).logits
         assert (m(ids) - ref).abs().max().item() <= 1e-4
+
+
+def test_model_trains_after_generating():
+    """Generation runs under inference mode; the fused weights and RoPE tables it builds must not be
+    inference tensors, or a later backward pass fails."""
+    from leanlm.infer.generate import generate_tokens
+    from leanlm.infer.sampling import GenerationConfig
+
+    m = to_leanlm(tiny_hf("llama"))
+    list(generate_tokens(m, [[1, 2, 3]], GenerationConfig(max_new_tokens=3, ignore_eos=True)))
+    assert not m.model.layers[0].self_attn.q_proj.weight.is_inference()
+    m.train()
+    loss = m(torch.randint(0, 128, (1, 10))).logsumexp(-1).mean()
+    loss.backward()
+    assert m.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -102,12 +102,15 @@ class RopeTable:
         key = None
         if self.cfg.rope_type == "dynamic":
             key = max(need, self.cfg.max_position_embeddings)
+        # Tables are built outside inference mode: a model that generated first can still be trained.
         if self.cos is None or need > self.n or key != self.key:
             n = max(need, min(self.cfg.max_position_embeddings, 8192), 2 * self.n if need > self.n else self.n)
-            self._build(n, key)
+            with torch.inference_mode(False):
+                self._build(n, key)
             self.key = key
         if dtype not in self.cast:  # keep the fp32 master, cast once per dtype
-            self.cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+            with torch.inference_mode(False):
+                self.cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
         cos, sin = self.cast[dtype]
         if positions.shape[0] == 1:
             p = positions[0]

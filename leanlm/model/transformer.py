@@ -140,7 +140,8 @@ def fuse_linears(owner: nn.Module, name: str, mods: tuple) -> bool:
         return False
     if name in owner.__dict__ and fused_weight(owner, name, mods) is not None:
         return True  # already fused and still valid
-    with torch.no_grad():
+    # Outside inference mode even when called from generation, so the weights stay usable for training.
+    with torch.inference_mode(False), torch.no_grad():
         w = torch.cat([m.weight for m in mods])
         has_bias = [m.bias is not None for m in mods]
         b = None
