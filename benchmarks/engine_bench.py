@@ -105,8 +105,20 @@ def bench_spec(model, tok, args) -> dict:
                                                                                 num_draft=3),
         "4-bit RTN draft (k=4)": dict(draft=draft4, num_draft=4),
         "4-bit RTN draft (k=6)": dict(draft=draft4, num_draft=6),
+        "4-bit RTN draft (k=8)": dict(draft=draft4, num_draft=8),
     }
-    out = {"new_tokens": args.spec_tokens, "draft_quantize_s": qtime, "tasks": {}}
+
+    def decode_ms(m, prompt, n=16):
+        cache = m.new_cache(1, len(prompt) + n + 1)
+        m(torch.tensor([prompt]), cache=cache)
+        t = time.perf_counter()
+        for _ in range(n):
+            m(torch.tensor([[prompt[-1]]]), cache=cache)
+        return (time.perf_counter() - t) / n * 1000
+    p0 = ids[8000:8000 + 160]
+    out = {"new_tokens": args.spec_tokens, "draft_quantize_s": qtime, "tasks": {},
+           "target_decode_ms": decode_ms(model, p0), "draft4_decode_ms": decode_ms(draft4, p0)}
+    log(f"  decode ms/token: target {out['target_decode_ms']:.0f}, 4-bit draft {out['draft4_decode_ms']:.0f}")
     for tname, prompt in tasks.items():
         generate_speculative(model, prompt, cfg, prompt_lookup=True)  # warm-up (kernels, allocator)
         t = time.perf_counter()
