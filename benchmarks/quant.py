@@ -64,13 +64,14 @@ def one_row(args) -> dict:
     name = args.row
     model, tok = leanlm.load(None, dtype=torch.float32)
     row = {"recipe": name, "threads": args.threads}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if name != "fp32":
         recipe = parse_recipe(CUSTOM[name], name) if name in CUSTOM else load_recipe(name)
         samples = (calibration_samples(tok, args.samples, args.seq_len, seed=0) if recipe.needs_data else None)
         row["calibration"] = None if samples is None else f"{args.samples}x{args.seq_len}"
         apply_recipe(model, recipe, samples, progress=False)
     row["time_s"] = time.perf_counter() - t0
+    row["cpu_s"] = time.process_time() - c0  # CPU seconds: what the compression costs on an idle core
     with tempfile.TemporaryDirectory() as d:
         leanlm.save(model, tok, Path(d) / "m")
         row["size_mb"] = (Path(d) / "m" / "model.safetensors").stat().st_size / 1e6
