@@ -1,7 +1,9 @@
 """Quantization benchmark on the default model: method x bits x group size.
 
-    python benchmarks/quant.py --threads 1 --samples 32 --seq-len 512 --eval-chars 16000 \
-        --out docs/bench/quant.jsonl --md docs/bench/quant.md
+    python benchmarks/quant.py --threads 1 --samples 32 --seq-len 512 --eval-chars 16000 --out quant.jsonl
+
+(finished rows in --out are kept, so an interrupted run resumes; --rows picks a subset; the
+markdown table is printed, or written to --md. docs/bench/quant.md holds the results and analysis.)
 
 Each row runs in its own process (peak RSS is per process): load the fp32 model, apply the recipe
 (timed), save it (size on disk), perplexity on the first --eval-chars characters of the packaged
