@@ -97,7 +97,7 @@ def child(args) -> dict:
     out.update(trainable_params=trainable_parameters(model), peak_rss_mb=round(res.peak_rss_mb),
                train_rss_mb=sampler.peak, step_s=round(statistics.median(times), 2),
                first_loss=round(res.losses[0], 4), last_loss=round(res.losses[-1], 4), lr=lr,
-               accuracy_after=accuracy(model, tok, task, recs))
+               accuracy_after=None if args.skip_accuracy else accuracy(model, tok, task, recs))
     return out
 
 
@@ -147,7 +147,7 @@ def peft_child(args, tok, data, recs, task, lr) -> dict:
         del pm, hf
         model, _ = leanlm.load()
         model = load_adapter(model, d)
-        acc = accuracy(model, tok, task, recs)
+        acc = None if args.skip_accuracy else accuracy(model, tok, task, recs)
     return dict(trainable_params=trainable, peak_rss_mb=round(peak), train_rss_mb=sampler.peak,
                 step_s=round(statistics.median(times), 2), first_loss=round(losses[0], 4),
                 last_loss=round(losses[-1], 4), lr=lr, accuracy_after=acc)
@@ -164,6 +164,7 @@ def main():
     ap.add_argument("--test-examples", type=int, default=32)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--out", default="finetune_bench.jsonl", help="JSON lines, appended per method")
+    ap.add_argument("--skip-accuracy", action="store_true", help="time and memory only")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -173,6 +174,7 @@ def main():
         cmd = [sys.executable, __file__, "--child", m, "--threads", str(args.threads), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--rank", str(args.rank),
                "--test-examples", str(args.test_examples)] + (["--bf16"] if args.bf16 else []) + \
+              (["--skip-accuracy"] if args.skip_accuracy else []) + \
               (["--lr", str(args.lr)] if args.lr else [])
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=False, stdout=subprocess.PIPE, text=True)

@@ -26,10 +26,12 @@ _LORA_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False
 
 
 def _peft_version() -> str:
+    """peft's version if installed (read from metadata: importing peft pulls in transformers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import peft
-        return peft.__version__
-    except ImportError:
+        return version("peft")
+    except PackageNotFoundError:
         return "0.13.0"
 
 

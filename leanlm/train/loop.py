@@ -227,7 +227,7 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
                 batch = micro_batch(data, position, cfg.batch_size, cfg.seed)
                 ids, labels = collate(batch, cfg.pad_id)
                 position += 1
-                tokens = int((labels != IGNORE).sum())
+                tokens = sum(len(e["input_ids"]) for e in batch)
                 seed = int(torch.randint(0, 2**31 - 1, (1,)))
 
                 def closure():
@@ -244,7 +244,7 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
                         loss, n = loss_fn(model, ids, labels)
                     (loss / cfg.grad_accum).backward()
                     loss_val += float(loss.detach()) / cfg.grad_accum
-                    tokens += n
+                    tokens += sum(len(e["input_ids"]) for e in batch)  # tokens processed, not just labelled
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
