@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "default: the packaged task")
     p.add_argument("--task", default="dates", help="packaged task used without --data")
     p.add_argument("-o", "--output", required=True, help="output folder (adapter, log.jsonl, checkpoints)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 150; MeZO 400)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 60; MeZO 400)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per method)")
@@ -146,7 +146,7 @@ def run(args) -> int:
 
     before = measure(model)
     model = prepare(model, tok, args.method, method_options(args))
-    steps = args.max_steps or (400 if args.method == "mezo" else 150)
+    steps = args.max_steps or (400 if args.method == "mezo" else 60)
     cfg = TrainConfig(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=args.lr or DEFAULT_LR[args.method], weight_decay=args.weight_decay,
                       optimizer="mezo" if args.method == "mezo" else args.optimizer, warmup_steps=args.warmup,
