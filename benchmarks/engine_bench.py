@@ -104,7 +104,6 @@ def bench_spec(model, tok, args) -> dict:
         f"layer skip {default_skip_layers(model.config.num_layers)} (k=3)": dict(self_speculative=True,
                                                                                 num_draft=3),
         "4-bit RTN draft (k=4)": dict(draft=draft4, num_draft=4),
-        "4-bit RTN draft (k=6)": dict(draft=draft4, num_draft=6),
         "4-bit RTN draft (k=8)": dict(draft=draft4, num_draft=8),
     }
 
@@ -121,18 +120,23 @@ def bench_spec(model, tok, args) -> dict:
     log(f"  decode ms/token: target {out['target_decode_ms']:.0f}, 4-bit draft {out['draft4_decode_ms']:.0f}")
     for tname, prompt in tasks.items():
         generate_speculative(model, prompt, cfg, prompt_lookup=True)  # warm-up (kernels, allocator)
-        t = time.perf_counter()
-        ref = [s[0] for s in generate_tokens(model, [prompt], cfg)]
-        plain = time.perf_counter() - t
-        res = {"prompt_tokens": len(prompt), "plain_s": plain, "methods": {}}
-        log(f"  {tname}: plain {plain:.2f}s")
-        for mname, kw in methods.items():
-            toks, st = generate_speculative(model, prompt, cfg, **kw)
-            res["methods"][mname] = {"seconds": st.seconds, "speedup": plain / st.seconds,
+        plain, runs = [], {m: [] for m in methods}
+        for r in range(args.spec_rounds):  # interleaved rounds, best time of each: robust to a busy machine
+            t = time.perf_counter()
+            ref = [s[0] for s in generate_tokens(model, [prompt], cfg)]
+            plain.append(time.perf_counter() - t)
+            log(f"  {tname} round {r}: plain {plain[-1]:.2f}s")
+            for mname, kw in methods.items():
+                toks, st = generate_speculative(model, prompt, cfg, **kw)
+                runs[mname].append((st.seconds, st, toks == ref))
+                log(f"    {mname}: {st.seconds:.2f}s accept {st.acceptance_rate:.2f} same={toks == ref}")
+        res = {"prompt_tokens": len(prompt), "plain_s": min(plain), "plain_all_s": plain, "methods": {}}
+        for mname, rs in runs.items():
+            best, st, _ = min(rs, key=lambda x: x[0])
+            res["methods"][mname] = {"seconds": best, "all_s": [x[0] for x in rs], "speedup": min(plain) / best,
                                      "acceptance_rate": st.acceptance_rate,
                                      "tokens_per_target_forward": st.tokens_per_round,
-                                     "identical_to_plain_greedy": toks == ref}
-            log(f"    {mname}: {st.seconds:.2f}s accept {st.acceptance_rate:.2f} same={toks == ref}")
+                                     "identical_to_plain_greedy": all(x[2] for x in rs)}
         out["tasks"][tname] = res
     return out
 
@@ -167,6 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix-len", type=int, default=384)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--spec-tokens", type=int, default=64)
+    ap.add_argument("--spec-rounds", type=int, default=2)
     ap.add_argument("--kv-len", type=int, default=512)
     ap.add_argument("--kv-chunk", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the JSON results here")
