@@ -208,3 +208,49 @@ def test_bf16_models_quantize_and_run_in_bf16(recipe):
     apply_recipe(model, load_recipe(recipe), torch.randint(0, 128, (4, 16)), progress=False)
     y = model(x)
     assert y.dtype == torch.bfloat16 and rel(y.float(), ref) < 0.5
+
+
+@pytest.mark.slow
+def test_signal_to_noise_per_method_on_real_layers():
+    """Output SNR of each method on layers of the default model, with real calibration activations."""
+    import math
+
+    import leanlm
+    from leanlm.compress.quant.gptq import GPTQConfig, HessianState, gptq_accumulate, gptq_solve
+    from leanlm.data import calibration_samples
+
+    model, tok = leanlm.load()
+    samples = calibration_samples(tok, 16, 128, seed=0)
+    layer = model.get_submodule("model.layers.3.self_attn.q_proj")
+    got = []
+
+    def grab(m, a):
+        got.append(a[0].reshape(-1, a[0].shape[-1]))
+        raise StopIteration  # no need to run the rest of the model
+
+    h = layer.register_forward_pre_hook(grab)
+    with torch.no_grad():
+        for row in samples:
+            with pytest.raises(StopIteration):
+                model(row[None])
+    h.remove()
+    X = torch.cat(got)  # 2048 tokens: the Hessian (576 x 576) is well determined from half of them
+    calib, test = X[::2], X[1::2]  # solve on half the tokens, score on the other half
+    ref = test @ layer.weight.detach().T
+    st = HessianState(layer.in_features)
+    gptq_accumulate(st, calib)
+
+    def snr_db(q):
+        with torch.no_grad():
+            return 10 * math.log10(ref.pow(2).sum().item() / (q(test) - ref).pow(2).sum().item())
+
+    QuantLinear.fast = False
+    try:
+        snr = {f"rtn{b}": snr_db(rtn_solve(None, layer, RTNConfig(bits=b, group_size=128))) for b in (8, 4, 3)}
+        snr.update({f"gptq{b}": snr_db(gptq_solve(st, layer, GPTQConfig(bits=b, group_size=128))) for b in (4, 3)})
+        snr["nf4"] = snr_db(NF4Linear.from_linear(layer, NF4Config()))
+    finally:
+        QuantLinear.fast = True
+    assert snr["rtn8"] > 35 and snr["rtn8"] > snr["rtn4"] + 15 > snr["rtn3"] + 15, snr
+    assert snr["gptq4"] > snr["rtn4"] + 0.5 and snr["gptq3"] > snr["rtn3"] + 0.5, snr
+    assert snr["nf4"] > snr["rtn3"], snr
