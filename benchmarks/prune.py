@@ -69,9 +69,11 @@ def one(args) -> dict:
         del info
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["params"] = model.num_parameters()
-    out["params_removed"] = 1 - out["params"] / params0
+    packed = any(type(m).__name__ == "QuantLinear" for m in model.modules())
+    # packed quantized weights are buffers, not parameters: a parameter count would mislead there
+    out["params_removed"] = None if packed else 1 - out["params"] / params0
     lin = [m.weight for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
-    if lin:
+    if lin and not packed:
         out["block_linear_sparsity"] = float(sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin))
     t0 = time.perf_counter()
     out["perplexity"] = perplexity(model, tok, tokens=ids, ctx=args.ctx, stride=args.ctx, progress=False)["perplexity"]
@@ -99,7 +101,10 @@ def table(paths: list[str]) -> str:
                if "decode_tok_s" in r else "")
         pre = (f"{r['prefill_tok_s']:.0f} ({r['dense_prefill_tok_s']:.0f}) = {r['prefill_speedup']:.2f}x"
                if "prefill_tok_s" in r else "")
-        out.append(f"| {r['recipe']} | {r['params_removed']:.1%} | {r.get('block_linear_sparsity', 0):.1%} "
+        removed = "n/a (packed)" if r.get("params_removed") is None else f"{r['params_removed']:.1%}"
+        sp = r.get("block_linear_sparsity")
+        sp = "" if sp is None else f"{sp:.1%}"
+        out.append(f"| {r['recipe']} | {removed} | {sp} "
                    f"| {r['perplexity']:.2f} | {ratio} | {r['safetensors_mb']:.0f} | {r.get('compress_s', 0):.0f} "
                    f"| {r['peak_rss_mb']:.0f} | {dec} | {pre} |")
     return "\n".join(out)
