@@ -53,6 +53,8 @@ def test_greedy_identical(target, kind):
         kw = dict(draft=quantized_draft(target))
     out, st = generate_speculative(target, prompt, max_new_tokens=40, num_draft=4, **kw)
     assert out == ref
+    if kind in ("q4", "skip"):  # without starting from the target's prompt K/V
+        assert generate_speculative(target, prompt, max_new_tokens=40, share_prefill=False, **kw)[0] == ref
     assert st.generated == 40 and st.proposed > 0
     if kind == "same":
         assert st.acceptance_rate == 1.0 and st.rounds == 8  # 4 drafts + 1 bonus token per round

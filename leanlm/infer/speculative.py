@@ -77,6 +77,20 @@ class DraftModel:
     def __init__(self, draft, max_len: int):
         self.lm = _CachedLM(draft, max_len)
 
+    def seed_from(self, target: "_CachedLM") -> bool:
+        """Start from the target's prompt K/V instead of prefilling the draft (the draft only proposes,
+        so this cannot change the output). Only when the caches have the same geometry, e.g. for a
+        quantized copy of the target, whose own K/V differ from the target's by rounding noise."""
+        mine, theirs = self.lm.cache, target.cache
+        if len(mine.k) != len(theirs.k) or any(a.shape != b.shape or a.dtype != b.dtype
+                                               for a, b in zip(mine.k, theirs.k)):
+            return False
+        n = theirs.length
+        for a, b in zip(mine.k + mine.v, theirs.k + theirs.v):
+            a[:, :, :n] = b[:, :, :n]
+        mine.length, self.lm.tokens = n, list(target.tokens[:n])
+        return True
+
     def propose(self, ids: list[int], k: int, cfg: GenerationConfig, gen) -> tuple[list[int], torch.Tensor | None]:
         drafts, qs = [], []
         ctx = list(ids)
@@ -185,14 +199,16 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int], ge
 @torch.inference_mode()
 def generate_speculative(model, prompt_ids: list[int], cfg: GenerationConfig | None = None, *, draft=None,
                          prompt_lookup: bool = False, skip_layers: list[int] | None = None, self_speculative=False,
-                         num_draft: int = 4, max_ngram: int = 3, stop_ids=None,
+                         num_draft: int = 4, max_ngram: int = 3, stop_ids=None, share_prefill: bool = True,
                          **overrides) -> tuple[list[int], SpecStats]:
     """Generate with speculative decoding; returns (new token ids, SpecStats).
 
     Pick one proposer: draft=<model> | prompt_lookup=True | self_speculative=True (skip_layers, or
     a default quarter of the layers). cfg/overrides as leanlm.infer.sampling.GenerationConfig
     (max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos); stop_ids (e.g. the
-    tokenizer's eos_ids) is used when the config names no stop_token_ids.
+    tokenizer's eos_ids) is used when the config names no stop_token_ids. share_prefill: a draft
+    (or the layer-skipping view) whose KV cache has the target's shape starts from the target's
+    prompt K/V instead of prefilling the prompt itself.
     """
     cfg = replace(cfg or GenerationConfig(), **overrides)
     if stop_ids is not None and cfg.stop_token_ids is None:
@@ -224,6 +240,9 @@ def generate_speculative(model, prompt_ids: list[int], cfg: GenerationConfig | N
         gen.manual_seed(int(torch.seed()) % (1 << 63))
     stats, t0 = SpecStats(), time.perf_counter()
     ids, out = list(prompt_ids), []
+    if isinstance(proposer, DraftModel) and share_prefill and len(ids) > 1:
+        target.logits_after(ids[:-1])  # the target's prefill, minus the last token (fed with the drafts)
+        proposer.seed_from(target)
     while len(out) < cfg.max_new_tokens:
         k = min(num_draft, cfg.max_new_tokens - len(out) - 1)
         drafts, q = proposer.propose(ids, k, cfg, gen) if k > 0 else ([], None)
