@@ -160,6 +160,11 @@ def test_logprobs_stop_seed_n(server):
     cut = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stop=[stop],
                                extra_body={"ignore_eos": True}).choices[0]
     assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    # streaming holds back text that could start a stop string, then ends at it
+    evs = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stop=[stop], stream=True,
+                                    extra_body={"ignore_eos": True}))
+    assert "".join(e.choices[0].text for e in evs if e.choices) == cut.text
+    assert [e.choices[0].finish_reason for e in evs if e.choices][-1] == "stop"
     # n with a seed: reproducible, choices differ by their seeds
     a = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=3)
     b = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=3)
