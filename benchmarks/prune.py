@@ -86,6 +86,44 @@ def one(args) -> dict:
     return out
 
 
+def speed_all(args) -> dict:
+    """Dense and every --speed-all recipe in one process, timed round-robin (fairest on a shared machine)."""
+    import copy
+
+    import torch
+
+    import leanlm
+    from leanlm.compress.recipe import apply_recipe, load_recipe
+    from leanlm.data.text import calibration_samples
+    from leanlm.eval.bench import time_decode
+
+    torch.manual_seed(0)
+    dense, tok = leanlm.load()
+    samples = calibration_samples(tok, args.calib_n, args.calib_len, seed=0)
+    models = {"dense": dense}
+    for name in filter(None, args.speed_all.split(",")):
+        m = copy.deepcopy(dense)
+        apply_recipe(m, load_recipe(name), samples, progress=False)
+        models[name] = m
+    for m in models.values():
+        time_decode(m, 16, 4, 1)
+    runs = {k: {"decode": [], "prefill": []} for k in models}
+    for r in range(args.repeats):
+        for k, m in models.items():
+            _, per_tok = time_decode(m, args.prompt, args.new_tokens, 1, seed=r)
+            pre, _ = time_decode(m, args.prefill, 0, 1, seed=10 + r)
+            runs[k]["decode"].append(1.0 / per_tok)
+            runs[k]["prefill"].append(args.prefill / pre)
+    med = {k: {kk: sorted(v)[len(v) // 2] for kk, v in d.items()} for k, d in runs.items()}
+    out = {"threads": torch.get_num_threads(), "repeats": args.repeats, "models": {}}
+    for k, d in med.items():
+        out["models"][k] = {"params": models[k].num_parameters(), "decode_tok_s": d["decode"],
+                            "prefill_tok_s": d["prefill"],
+                            "decode_speedup": d["decode"] / med["dense"]["decode"],
+                            "prefill_speedup": d["prefill"] / med["dense"]["prefill"]}
+    return out
+
+
 def table(paths: list[str]) -> str:
     """Markdown table of result files (one JSON object per line), perplexity ratio against `dense`."""
     rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
@@ -124,12 +162,20 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--out", default=None, help="append one JSON object per recipe to this file")
+    p.add_argument("--speed-all", default=None, help="time dense and these recipes round-robin in one process")
     p.add_argument("--table", nargs="+", default=None, help="print a markdown table of result files and exit")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--speed-one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.table:
         print(table(args.table))
+        return 0
+    if args.speed_all:
+        res = speed_all(args)
+        print(json.dumps(res))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
         return 0
     if args.one:
         print(json.dumps(one(args)))
