@@ -238,6 +238,26 @@ def test_disconnect_mid_stream_frees_blocks(server):
     assert 0 < eng.stats["generation_tokens"] - before < 250
 
 
+def test_disconnect_non_streaming_frees_blocks(server):
+    eng, srv = server["eng"], server["srv"]
+    before, aborts = eng.stats["generation_tokens"], srv.stream_aborts
+    step = eng.step
+
+    def slow_step():  # 10 ms per step: 250 tokens take far longer than the client waits
+        time.sleep(0.01)
+        return step()
+    eng.step = slow_step
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server["url"] + "/v1/completions", timeout=0.5, headers={"Authorization": "Bearer sekrit"},
+                       json={"model": NAME, "prompt": "w40 w41", "max_tokens": 250, "ignore_eos": True})
+        wait_idle(eng)
+    finally:
+        del eng.step
+    assert srv.stream_aborts == aborts + 1
+    assert eng.stats["generation_tokens"] - before < 250
+
+
 def test_shutdown_ends_inflight_streams():
     """A separate engine: shutdown ends an in-flight stream with finish_reason 'abort' and [DONE]."""
     from fastapi.testclient import TestClient  # noqa: F401  (starlette's, needs httpx)

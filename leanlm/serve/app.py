@@ -341,20 +341,39 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
     def err(e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.middleware("http")
-    async def count_and_auth(request: Request, call_next):
-        path = request.url.path
-        if api_key and path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                resp = err(APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                    code="invalid_api_key", type_="authentication_error"))
-                srv.http[(path, 401)] = srv.http.get((path, 401), 0) + 1
-                return resp
-        resp = await call_next(request)
-        key = (path if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
-               else "other", resp.status_code)
-        srv.http[key] = srv.http.get(key, 0) + 1
-        return resp
+    paths = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+    class AuthAndCount:
+        """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from handlers)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            path = scope["path"]
+            key = path if path in paths else "other"
+            if api_key and path.startswith("/v1/"):
+                auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+                if auth != f"Bearer {api_key}":
+                    srv.http[(key, 401)] = srv.http.get((key, 401), 0) + 1
+                    resp = err(APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                        code="invalid_api_key", type_="authentication_error"))
+                    return await resp(scope, receive, send)
+            status = {}
+
+            async def send_counted(msg):
+                if msg["type"] == "http.response.start":
+                    status["code"] = msg["status"]
+                await send(msg)
+            try:
+                await self.inner(scope, receive, send_counted)
+            finally:
+                code = status.get("code", 500)
+                srv.http[(key, code)] = srv.http.get((key, code), 0) + 1
+
+    app.add_middleware(AuthAndCount)
 
     @app.exception_handler(APIError)
     async def on_api_error(request, e: APIError):
@@ -397,10 +416,16 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         obj = "chat.completion" if chat else "text_completion"
         sink, choices = srv.launch(prompts, params, n, stops)
         if not stream:
+            async def watch():  # Starlette does not cancel a plain handler when its client leaves
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.2)
+                srv.stream_aborts += bool(srv.abort_unfinished(choices))
+            watcher = asyncio.create_task(watch())
             try:
                 async for _ in srv.events(sink, choices):
                     pass
-            finally:  # cancelled (client gone) or failed: free the blocks
+            finally:  # cancelled or failed: free the blocks
+                watcher.cancel()
                 srv.stream_aborts += bool(srv.abort_unfinished(choices))
             out = []
             for c in sorted(choices.values(), key=lambda c: c.index):
