@@ -227,3 +227,17 @@ def test_default_model_engine_matches_plain_generation(default_model):
     assert eng.generate(ps, SamplingParams(max_tokens=8, ignore_eos=True)) == ref
     assert eng.stats["prefix_hit_tokens"] > 0
     eng.cache.alloc.check_whole()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_bf16_and_quantized_models(model, kind):
+    """The engine keeps the model's dtype for its pool and runs QuantLinear layers; output = plain greedy."""
+    if kind == "bf16":
+        m = tiny_model().to(torch.bfloat16)
+    else:
+        pytest.importorskip("leanlm.compress.quant")
+        from leanlm.infer.speculative import quantized_draft
+        m = quantized_draft(model)
+    eng = Engine(m, block_size=4, num_blocks=200, max_batch_tokens=24, max_num_seqs=8)
+    assert eng.cache.k[0].dtype == m.dtype
+    check_equal(m, eng, prompts(10, seed=3), 12)
