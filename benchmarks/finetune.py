@@ -92,6 +92,7 @@ def child(args) -> dict:
     res = train(model, data, TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=lr,
                                          optimizer="mezo" if method == "mezo" else "adamw",
                                          warmup_steps=min(5, args.steps // 4), bf16=args.bf16,
+                                         grad_checkpointing=args.grad_checkpointing,
                                          progress=False), callback=cb)
     sampler.stop = True
     out.update(trainable_params=trainable_parameters(model), peak_rss_mb=round(res.peak_rss_mb),
@@ -165,6 +166,7 @@ def main():
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--out", default="finetune_bench.jsonl", help="JSON lines, appended per method")
     ap.add_argument("--skip-accuracy", action="store_true", help="time and memory only")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="leanlm methods only")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -175,6 +177,7 @@ def main():
                "--batch-size", str(args.batch_size), "--rank", str(args.rank),
                "--test-examples", str(args.test_examples)] + (["--bf16"] if args.bf16 else []) + \
               (["--skip-accuracy"] if args.skip_accuracy else []) + \
+              (["--grad-checkpointing"] if args.grad_checkpointing else []) + \
               (["--lr", str(args.lr)] if args.lr else [])
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=False, stdout=subprocess.PIPE, text=True)

@@ -151,9 +151,33 @@ def apply_qlora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
             loftq_init(layer, w, cfg.loftq_iters)
         replace_module(model, name, layer)
         del lin, w
+    _own_remaining(model)
     model.peft_config = cfg
     model.qlora = True
     return model
+
+
+def _own_remaining(model: nn.Module) -> None:
+    """Copy the parameters left in float (embedding, norms) out of the checkpoint's memory map: while
+    any tensor still views the map, every page quantization touched stays resident (~the fp32 size)."""
+    import gc
+
+    gc.collect()  # the replaced float linears must be gone first
+    done: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in done:
+                done[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            mod._parameters[name] = done[id(p)]
+    del done
+    gc.collect()
+    try:  # hand the freed float weights back to the OS (glibc keeps large freed heaps otherwise)
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def merge_error(model: nn.Module) -> float:
