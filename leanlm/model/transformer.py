@@ -96,13 +96,15 @@ def attention(q, k, v, mask) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, L, D]; mask: None (all), "causal", or bool [B|1, 1, T, L]."""
     groups = q.shape[1] // k.shape[1]
     B, H, T, D = q.shape
-    if mask is None and groups > 1:
-        # Decode-style: fold the query heads of a KV group into the row dimension (no K/V repeat).
+    if groups > 1 and not isinstance(mask, str):
+        # Fold the query heads of a KV group into the row dimension: no K/V copy (the mask is tiled).
         Hkv = k.shape[1]
         qg = q.reshape(B, Hkv, groups * T, D)
-        y = F.scaled_dot_product_attention(qg, k, v)
+        if mask is not None:
+            mask = mask.repeat(1, 1, groups, 1)
+        y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
         return y.reshape(B, H, T, D)
-    if groups > 1:
+    if groups > 1:  # causal prefill: SDPA's is_causal path needs equal head counts
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     if isinstance(mask, str):
