@@ -97,23 +97,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _generate_speculative(args, model, tok, cfg, prompts) -> int:
-    try:
-        from leanlm.infer import speculative
-    except ImportError:
-        raise LeanLMError("speculative decoding is not available in this build")
+def _load_draft(args, model):
+    """--draft PATH loads a model sharing the tokenizer; --draft q4 makes a 4-bit copy of the target."""
     import leanlm
+    from leanlm.infer import speculative
 
-    draft = leanlm.load(args.draft, dtype=args.dtype)[0] if args.draft else None
+    if not args.draft:
+        return None
+    if args.draft == "q4":
+        return speculative.quantized_draft(model)
+    return leanlm.load(args.draft, dtype=args.dtype)[0]
+
+
+def _generate_speculative(args, model, tok, cfg, prompts) -> int:
+    from leanlm.infer import speculative
+
+    draft = _load_draft(args, model)
     for p in prompts:
         ids = tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p)
-        out = speculative.generate_speculative(model, ids, cfg, draft=draft, prompt_lookup=args.prompt_lookup,
-                                               stop_ids=tok.eos_ids)
-        tokens, stats = out if isinstance(out, tuple) else (out, {})
+        tokens, stats = speculative.generate_speculative(model, ids, cfg, draft=draft,
+                                                         prompt_lookup=args.prompt_lookup, stop_ids=tok.eos_ids)
+        if tokens and tokens[-1] in tok.eos_ids:
+            tokens = tokens[:-1]
         print(tok.decode(tokens))
-        if stats:
-            print(f"[speculative] {stats}", file=sys.stderr)
+        print(f"[speculative] {stats.as_dict()}", file=sys.stderr)
     return 0
+
+
+def _bench_speculative(args, model, tok) -> dict:
+    """Plain greedy decoding vs speculative decoding on the same prompt (the packaged evaluation text,
+    so prompt lookup has real text to draw n-grams from); outputs must be identical."""
+    import time
+
+    from leanlm.data import packaged_text
+    from leanlm.infer import speculative
+    from leanlm.infer.generate import generate_tokens
+    from leanlm.infer.sampling import GenerationConfig
+
+    draft = _load_draft(args, model)
+    ids = tok.encode(packaged_text("eval")[:4000])[-args.prompt_len:]
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
+    t = time.perf_counter()
+    plain = [s[0] for s in generate_tokens(model, [ids], cfg)]
+    t_plain = time.perf_counter() - t
+    t = time.perf_counter()
+    spec, stats = speculative.generate_speculative(model, ids, cfg, draft=draft, prompt_lookup=args.prompt_lookup)
+    t_spec = time.perf_counter() - t
+    return {"method": "draft " + args.draft if args.draft else "prompt lookup",
+            "plain_tokens_per_s": len(plain) / t_plain, "speculative_tokens_per_s": len(spec) / t_spec,
+            "speedup": t_plain / t_spec * len(spec) / max(len(plain), 1),
+            "acceptance_rate": stats.acceptance_rate, "tokens_per_round": stats.tokens_per_round,
+            "identical_output": spec[: len(plain)] == plain}
 
 
 def cmd_chat(args) -> int:
@@ -169,11 +203,11 @@ def cmd_bench(args) -> int:
     from leanlm.report import emit_json, print_table
 
     model, tok = load_model(args)
-    if args.concurrency:
-        try:
-            from leanlm.infer.engine import bench_concurrency
-        except ImportError:
-            raise LeanLMError("the batching engine is not available in this build")
+    if args.draft or args.prompt_lookup:
+        res = _bench_speculative(args, model, tok)
+    elif args.concurrency:
+        from leanlm.infer.engine import bench_concurrency
+
         res = bench_concurrency(model, concurrency=args.concurrency, prompt_len=args.prompt_len,
                                 new_tokens=args.new_tokens)
     else:
@@ -211,7 +245,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt text (repeatable: several prompts in one batch)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--no-stream", action="store_true")
-    p.add_argument("--draft", default=None, help="draft model for speculative decoding")
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding with this draft model (sharing the tokenizer), or 'q4' for a 4-bit copy")
     p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding with prompt lookup")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
@@ -239,8 +274,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4, help="batch size for the batch-N decode figure")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=None, help="measure the batching engine at N requests")
-    p.add_argument("--draft", default=None, help="draft model for speculative decoding")
-    p.add_argument("--prompt-lookup", action="store_true")
+    p.add_argument("--draft", default=None, help="compare speculative decoding with this draft model, or 'q4'")
+    p.add_argument("--prompt-lookup", action="store_true", help="compare speculative decoding by prompt lookup")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

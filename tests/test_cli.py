@@ -64,3 +64,20 @@ def test_convert_gguf_to_folder_same_logits(gguf_path, tmp_path, monkeypatch, ca
     ids = torch.tensor([tok.encode("the mat")])
     with torch.no_grad():
         assert torch.equal(a(ids), b(ids))
+
+
+def test_generate_and_bench_speculative(gguf_path, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    assert main(["generate", str(gguf_path), "--prompt", "the cat the cat the cat", "--prompt-lookup",
+                 "--max-new-tokens", "8"]) == 0
+    plain_args = ["generate", str(gguf_path), "--prompt", "the cat the cat the cat", "--max-new-tokens", "8",
+                  "--no-stream"]
+    spec_out = capsys.readouterr().out.strip()
+    assert main(plain_args) == 0
+    assert capsys.readouterr().out.strip().split("\n---")[0] == spec_out  # greedy: identical text
+    assert main(["bench", str(gguf_path), "--draft", "q4", "--prompt-len", "32", "--new-tokens", "8", "--json"]) == 0
+    res = _json(capsys)
+    assert res["identical_output"] is True and 0 <= res["acceptance_rate"] <= 1
+    assert main(["bench", str(gguf_path), "--concurrency", "2", "--prompt-len", "8", "--new-tokens", "4",
+                 "--json"]) == 0
+    assert _json(capsys)
