@@ -76,7 +76,8 @@ def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_
     if adapter is not None:
         from leanlm.peft import load_adapter
 
-        load_adapter(model, adapter)
+        # prompt/prefix adapters wrap the model, so use what load_adapter returns
+        model = load_adapter(model, adapter)
     return model, tok
 
 

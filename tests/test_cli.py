@@ -81,3 +81,37 @@ def test_generate_and_bench_speculative(gguf_path, capsys, tmp_path, monkeypatch
     assert main(["bench", str(gguf_path), "--concurrency", "2", "--prompt-len", "8", "--new-tokens", "4",
                  "--json"]) == 0
     assert _json(capsys)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_adapter_flag_on_generate_eval_bench(gguf_path, capsys, tmp_path, monkeypatch, method):
+    """--adapter DIR applies a (peft-format) adapter; the output must equal applying it by hand."""
+    from leanlm.peft import apply, save_adapter
+
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    m, tok = leanlm.load(gguf_path)
+    opts = {"num_virtual_tokens": 4} if method == "prompt" else {"r": 4}
+    try:
+        wrapped = apply(m, method, **opts)
+    except TypeError:
+        wrapped = apply(m, method)
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)  # a trained-looking adapter, so it changes outputs
+    save_adapter(wrapped, tmp_path / "ad")
+    expected = leanlm.generate(wrapped, tok, "the cat", max_new_tokens=6, ignore_eos=True)
+    assert main(["generate", str(gguf_path), "--adapter", str(tmp_path / "ad"), "--prompt", "the cat",
+                 "--max-new-tokens", "6", "--no-stream"]) == 0
+    got = capsys.readouterr().out.split("\n---")[0].strip()
+    base = leanlm.generate(leanlm.load(gguf_path)[0], tok, "the cat", max_new_tokens=6, ignore_eos=True)
+    assert got == expected.strip()
+    assert expected != base  # the adapter mattered
+    text = tmp_path / "t.txt"
+    text.write_text("the cat in the hat. " * 30)
+    assert main(["eval", str(gguf_path), "--adapter", str(tmp_path / "ad"), "--text", str(text), "--ctx", "32",
+                 "--stride", "16", "--json"]) == 0
+    assert _json(capsys)["perplexity"] > 1
+    assert main(["bench", str(gguf_path), "--adapter", str(tmp_path / "ad"), "--prompt-len", "8",
+                 "--new-tokens", "4", "--prefill-len", "16", "--repeats", "1", "--batch", "2", "--json"]) == 0
+    assert _json(capsys)["decode_tokens_per_s"] > 0

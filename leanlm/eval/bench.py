@@ -33,7 +33,9 @@ def weight_bytes_per_token(model) -> int:
 @torch.inference_mode()
 def time_decode(model, prompt_len: int, new_tokens: int, batch: int = 1, seed: int = 0):
     """-> (prefill seconds, per-token decode seconds) for one greedy run with a random prompt."""
-    model.fuse_projections()
+    from leanlm.infer.generate import fuse_for_inference
+
+    fuse_for_inference(model)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g)
     cache = model.new_cache(batch, prompt_len + new_tokens + 1)

@@ -13,14 +13,20 @@ import torch
 from leanlm.infer.sampling import GenerationConfig, make_generator, select
 
 
+def fuse_for_inference(model) -> None:
+    """One matmul for q/k/v and for gate/up (a no-op once done; adapter wrappers fuse their base)."""
+    target = getattr(model, "base_model", model)
+    if hasattr(target, "fuse_projections"):
+        target.fuse_projections()
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig,
                     should_stop: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of each row (None for rows already finished)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if hasattr(model, "fuse_projections"):
-        model.fuse_projections()  # one matmul for q/k/v and for gate/up; a no-op once done
+    fuse_for_inference(model)
     B = len(prompts)
     P = max(len(p) for p in prompts)
     stop_ids = set(cfg.stop_token_ids or [])
