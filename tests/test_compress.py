@@ -117,3 +117,16 @@ def test_compress_cli(tiny_folder, capsys):
     model, _ = leanlm.load(out)
     assert isinstance(model.model.layers[1].mlp.gate_proj, QuantLinear)
     assert model.model.layers[1].mlp.gate_proj.bits == 4
+
+
+def test_load_in_bf16_keeps_stored_quantization_dtypes(tiny_folder):
+    """--dtype bfloat16 casts plain weights only; fp16 scales stay as stored (else outputs would drift)."""
+    import leanlm
+
+    model, tok = leanlm.load(tiny_folder / "base")
+    apply_recipe(model, parse_recipe(MIXED, "mixed.yaml"), torch.randint(0, 300, (4, 16)), progress=False)
+    leanlm.save(model, tok, tiny_folder / "q")
+    back, _ = leanlm.load(tiny_folder / "q", dtype="bfloat16")
+    q = back.model.layers[0].self_attn.k_proj
+    assert isinstance(q, QuantLinear) and q.scales.dtype == torch.float16
+    assert back.model.norm.weight.dtype == torch.bfloat16

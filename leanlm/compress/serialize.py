@@ -23,10 +23,11 @@ FORMAT, VERSION = "leanlm", 1
 
 
 def module_types() -> dict[str, type]:
-    """Quantized module classes by name; each has config() -> dict and cls(**config)."""
+    """Compressed module classes by name (quantized, low-rank); each has config() -> dict and cls(**config)."""
+    from leanlm.compress import lowrank
     from leanlm.compress.quant import MODULE_TYPES
 
-    return MODULE_TYPES
+    return {**MODULE_TYPES, **lowrank.MODULE_TYPES}
 
 
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -55,11 +55,13 @@ def materialize(model: Transformer, sd: dict[str, torch.Tensor], source: str, me
             parts.append(f"unexpected {len(unexpected)} tensors (e.g. {sorted(unexpected)[0]})")
         raise LeanLMError(f"{source}: weights do not match the config: {'; '.join(parts)}")
     own = model.state_dict(keep_vars=True)
+    # Compressed modules keep their stored dtypes (e.g. fp16 scales); only plain weights follow `dtype`.
+    keep = tuple(f"{n}." for n in ((meta or {}).get("modules") or {}))
     for k, v in sd.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise LeanLMError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config expects "
                               f"{tuple(own[k].shape)}; config.json and weights disagree")
-        if dtype is not None and v.is_floating_point() and v.dtype != dtype:
+        if dtype is not None and v.is_floating_point() and v.dtype != dtype and not (keep and k.startswith(keep)):
             sd[k] = v.to(dtype)
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
