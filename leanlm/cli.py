@@ -64,15 +64,13 @@ def generation_config(args):
 # ---------------------------------------------------------------- info
 def cmd_info(args) -> int:
     from leanlm.api import describe
-    from leanlm.report import emit_json, print_table
+    from leanlm.report import show
 
     model, tok = load_model(args)
     d = describe(model)
     d["tokenizer_vocab"] = tok.vocab_size
     d["chat_template"] = bool(tok.chat_template)
-    print_table("model", d)
-    if args.json:
-        emit_json(d)
+    show("model", d, args.json)
     return 0
 
 
@@ -179,7 +177,7 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from leanlm.data import packaged_text, read_text
     from leanlm.eval.perplexity import perplexity
-    from leanlm.report import emit_json, print_table
+    from leanlm.report import show
 
     if args.ctx < 2 or args.stride < 1 or args.stride > args.ctx:
         raise LeanLMError("need --ctx >= 2 and 1 <= --stride <= --ctx")
@@ -191,16 +189,14 @@ def cmd_eval(args) -> int:
     res = {"perplexity": res["perplexity"], "bits_per_byte": res["bits_per_byte"], "tokens": res["tokens"],
            **{k: v for k, v in res.items() if k not in ("perplexity", "bits_per_byte", "tokens")},
            "text": args.text or "packaged:eval", "ctx": args.ctx, "stride": args.stride}
-    print_table("perplexity", res)
-    if args.json:
-        emit_json(res)
+    show("perplexity", res, args.json)
     return 0
 
 
 # ---------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
     from leanlm.eval.bench import bench
-    from leanlm.report import emit_json, print_table
+    from leanlm.report import show
 
     model, tok = load_model(args)
     if args.draft or args.prompt_lookup:
@@ -214,9 +210,7 @@ def cmd_bench(args) -> int:
         res = bench(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
                     repeats=args.repeats, prefill_len=args.prefill_len)
     res["model"] = args.model or "default (SmolLM2-135M-Instruct, from Q4_1 GGUF)"
-    print_table("speed", res)
-    if args.json:
-        emit_json(res)
+    show("speed", res, args.json)
     return 0
 
 

@@ -41,6 +41,13 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+def show(title: str, data, as_json: bool) -> None:
+    """The table for people, then (with --json) the same data as the last line for scripts."""
+    print_table(title, data)
+    if as_json:
+        emit_json(data)
+
+
 def progress(**kw):
     """A rich progress bar that writes to stderr (stdout stays clean for --json)."""
     from rich.console import Console
