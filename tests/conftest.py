@@ -38,6 +38,26 @@ def to_leanlm(hf_model):
     return m.eval()
 
 
+def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+    """A tiny Llama with transformers' own (narrow, std 0.02) init -> (leanlm model, transformers model)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads)).eval()
+    return to_leanlm(hf), hf
+
+
+@torch.inference_mode()
+def greedy_reference(model, prompt, n):
+    """Plain greedy decoding by recomputing the whole sequence each step (no cache at all)."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 @pytest.fixture
 def tiny_pair():
     hf = tiny_hf("llama")

@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from conftest import greedy_reference
 from leanlm.errors import LeanLMError
 from leanlm.infer.engine import Engine, SamplingParams
 from leanlm.infer.paged import PagedKVCache
@@ -25,15 +26,6 @@ def tiny_model(seed=0, **kw):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
-
-
-@torch.inference_mode()
-def greedy_reference(model, prompt, n):
-    """Plain greedy decoding by recomputing the whole sequence each step (no cache at all)."""
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def prompts(k, lo=3, hi=40, seed=0):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import leanlm
-from conftest import tiny_hf, to_leanlm
+from conftest import greedy_reference, tiny_hf, to_leanlm
 from gguf_util import byte_vocab, write_tiny_gguf
 from leanlm.infer.generate import generate_tokens
 from leanlm.infer.sampling import GenerationConfig, SamplingConfig, apply_repetition_penalty, warp_logits
@@ -18,23 +18,12 @@ def model_tok(tmp_path_factory):
     return leanlm.load(write_tiny_gguf(d / "m.gguf", hf, "F32"), convert_cache=False)
 
 
-def _uncached_greedy(m, ids, n):
-    ids = list(ids)
-    out = []
-    for _ in range(n):
-        with torch.no_grad():
-            t = int(m(torch.tensor([ids]))[0, -1].argmax())
-        ids.append(t)
-        out.append(t)
-    return out
-
-
 def test_cached_generation_equals_uncached(model_tok):
     m, _ = model_tok
     prompt = [5, 9, 33, 70, 2 + 10]
     cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     got = [s[0] for s in generate_tokens(m, [prompt], cfg)]
-    assert got == _uncached_greedy(m, prompt, 12)
+    assert got == greedy_reference(m, prompt, 12)
 
 
 def test_batched_equals_one_by_one(model_tok):

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import tiny_llama
 from leanlm.compress import lowrank as lr
 from leanlm.errors import LeanLMError
 
@@ -93,31 +94,19 @@ def test_apply_and_restore_modules():
     assert int(torch.linalg.matrix_rank(holder.proj.weight.detach())) == 11
 
 
-def _tiny(layers=2):
-    import transformers
-    from leanlm.model import ModelConfig, Transformer
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2))
-    m = Transformer(ModelConfig.from_hf(hf.config.to_dict()))
-    m.load_state_dict(hf.state_dict(), strict=False)
-    return m.eval()
-
-
 SAMPLES = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 def test_recipe_lowrank_target_and_full_rank_model():
     from leanlm.compress.recipe import apply_recipe, parse_recipe
-    m = _tiny()
+    m = tiny_llama()[0]
     total = m.num_parameters()
     apply_recipe(m, parse_recipe("- method: lowrank\n  target: 0.2\n"), SAMPLES, progress=False)
     lows = [mod for mod in m.modules() if isinstance(mod, lr.LowRankLinear)]
     assert len(lows) == 14
     assert 1 - m.num_parameters() / total == pytest.approx(0.2, abs=0.02)
     # full rank through the runner (activation-aware) reproduces the whole model
-    m2, ref = _tiny(), _tiny()
+    m2, ref = tiny_llama()[0], tiny_llama()[0]
     apply_recipe(m2, parse_recipe("- method: lowrank\n  rank: 96\n  factorize: false\n"), SAMPLES, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(m2(SAMPLES), ref(SAMPLES), atol=1e-4, rtol=1e-4)
@@ -125,7 +114,7 @@ def test_recipe_lowrank_target_and_full_rank_model():
 
 def test_recipe_laser_reduces_only_chosen_layers():
     from leanlm.compress.recipe import apply_recipe, parse_recipe
-    m, ref = _tiny(), _tiny()
+    m, ref = tiny_llama()[0], tiny_llama()[0]
     apply_recipe(m, parse_recipe("- method: laser\n  layers: {'layers\\.1\\.mlp\\.down_proj': 0.25}\n"), SAMPLES,
                  progress=False)
     w = m.model.layers[1].mlp.down_proj.weight.detach()
@@ -139,7 +128,7 @@ def test_lowrank_model_saves_and_loads_back(tmp_path):
     import leanlm
     from leanlm.compress.recipe import apply_recipe, parse_recipe
 
-    m = _tiny()
+    m = tiny_llama()[0]
     apply_recipe(m, parse_recipe("- method: lowrank\n  target: 0.2\n"), SAMPLES, progress=False)
     leanlm.save(m, None, tmp_path / "lr")
     from leanlm.io.checkpoint import build_on_meta, materialize, _read_safetensors

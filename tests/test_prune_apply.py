@@ -3,24 +3,13 @@ import copy
 
 import pytest
 import torch
-import transformers
 
+from conftest import tiny_llama
 from leanlm.compress.prune import structured as st
 from leanlm.compress.prune.apply import block_redundancy, owl_sparsities
 from leanlm.compress.prune.masks import is_nm
 from leanlm.compress.prune.methods import PruneConfig
 from leanlm.compress.recipe import apply_recipe, parse_recipe
-from leanlm.model import ModelConfig, Transformer
-
-
-def tiny(layers=3, seed=0):
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=4))
-    m = Transformer(ModelConfig.from_hf(hf.config.to_dict()))
-    m.load_state_dict(hf.state_dict(), strict=False)
-    return m.eval()
 
 
 SAMPLES = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -33,7 +22,7 @@ def _linears(m):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_recipe_unstructured_and_nm(method):
     for pattern in ("unstructured", "2:4"):
-        m = tiny()
+        m = tiny_llama(layers=3, heads=8, kv_heads=4)[0]
         apply_recipe(m, parse_recipe(f"- method: {method}\n  sparsity: 0.5\n  pattern: '{pattern}'\n"),
                      SAMPLES, progress=False)
         for n, lin in _linears(m).items():
@@ -46,7 +35,7 @@ def test_recipe_unstructured_and_nm(method):
 
 
 def test_wanda_in_runner_equals_manual_first_block():
-    m = tiny()
+    m = tiny_llama(layers=3, heads=8, kv_heads=4)[0]
     ref = copy.deepcopy(m)
     apply_recipe(m, parse_recipe("- method: wanda\n  sparsity: 0.5\n"), SAMPLES, progress=False)
     # independent: the first block's q_proj input is the dense model's input_layernorm output
@@ -63,7 +52,7 @@ def test_wanda_in_runner_equals_manual_first_block():
 
 
 def test_owl_mean_sparsity_and_spread():
-    m = tiny(layers=4)
+    m = tiny_llama(layers=4, heads=8, kv_heads=4)[0]
     cfg = PruneConfig(sparsity=0.5, owl=True, owl_lambda=0.1, owl_m=3.0)
     names = list(_linears(m))
     per = owl_sparsities(copy.deepcopy(m), cfg, names, SAMPLES, progress=False)
@@ -78,7 +67,7 @@ def test_owl_mean_sparsity_and_spread():
 
 
 def test_structured_activation_through_runner():
-    m = tiny(layers=3)
+    m = tiny_llama(layers=3, heads=8, kv_heads=4)[0]
     ref = copy.deepcopy(m)
     total = m.num_parameters()
     apply_recipe(m, parse_recipe("- method: structured\n  target: 0.25\n  head_ratio: 0.5\n"), SAMPLES, progress=False)
@@ -101,7 +90,7 @@ def test_structured_activation_through_runner():
 
 
 def test_layerdrop_drops_most_redundant():
-    m = tiny(layers=4)
+    m = tiny_llama(layers=4, heads=8, kv_heads=4)[0]
     with torch.no_grad():  # make block 1 nearly an identity: its residual branches output ~0
         m.model.layers[1].self_attn.o_proj.weight.mul_(1e-3)
         m.model.layers[1].mlp.down_proj.weight.mul_(1e-3)

@@ -3,25 +3,15 @@ import json
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 from leanlm.compress.prune.masks import is_nm
 from leanlm.compress.prune.storage import pack_sparse, pack_state, packed_nbytes, unpack_sparse, unpack_state
 from leanlm.compress.recipe import apply_recipe, builtin_names, load_recipe, parse_recipe, resolve
+from conftest import tiny_llama
 from leanlm.errors import LeanLMError
 from leanlm.io.checkpoint import build_on_meta, materialize, save_hf_folder
-from leanlm.model import ModelConfig, Transformer
-
-
-def tiny(layers=2):
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2))
-    m = Transformer(ModelConfig.from_hf(hf.config.to_dict()))
-    m.load_state_dict(hf.state_dict(), strict=False)
-    return m.eval()
+from leanlm.model import ModelConfig
 
 
 SAMPLES = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -54,7 +44,7 @@ def test_pack_state_skips_dense_and_checks_damage():
 
 
 def test_sparse_model_saves_smaller_and_loads_exactly(tmp_path):
-    m = tiny()
+    m = tiny_llama()[0]
     dense_dir = save_hf_folder(m, None, tmp_path / "dense")
     apply_recipe(m, parse_recipe("- method: wanda\n  pattern: '2:4'\n"), SAMPLES, progress=False)
     sparse_dir = save_hf_folder(m, None, tmp_path / "sparse")
@@ -79,13 +69,13 @@ def test_sparse_model_saves_smaller_and_loads_exactly(tmp_path):
                                   "structured-20", "structured-35", "layerdrop-4", "lowrank-20"])
 def test_builtin_recipes_resolve(name):
     assert name in builtin_names()
-    m = tiny(layers=6)
+    m = tiny_llama(layers=6)[0]
     steps = resolve(load_recipe(name), m)
     assert steps and steps[0][0].modules
 
 
 def test_recipe_errors_name_the_line():
-    m = tiny()
+    m = tiny_llama()[0]
     with pytest.raises(LeanLMError, match=r"<recipe>:3"):
         resolve(parse_recipe("- method: wanda\n  sparsity: 0.5\n  pattern: '5:4'\n"), m)
     with pytest.raises(LeanLMError, match=r"<recipe>:2.*unknown field"):

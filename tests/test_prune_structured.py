@@ -7,17 +7,8 @@ import transformers
 
 from leanlm.compress.prune import structured as st
 from leanlm.errors import LeanLMError
+from conftest import tiny_llama
 from leanlm.model import ModelConfig, Transformer
-
-
-def tiny(layers=3, seed=0):
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=4))
-    m = Transformer(ModelConfig.from_hf(hf.config.to_dict()))
-    m.load_state_dict(hf.state_dict(), strict=False)
-    return m.eval(), hf.eval()
 
 
 def _ids(n=2, t=24, seed=1):
@@ -26,7 +17,7 @@ def _ids(n=2, t=24, seed=1):
 
 @pytest.mark.parametrize("kind", ["magnitude", "taylor"])
 def test_shrunk_equals_masked(kind):
-    m, _ = tiny()
+    m, _ = tiny_llama(layers=3, heads=8, kv_heads=4)
     grads = st.taylor_gradients(m, _ids(4)) if kind == "taylor" else None
     sa = [st.attention_group_importance(b.self_attn, None, kind, grads) for b in m.model.layers]
     sm = [st.mlp_channel_importance(b.mlp, None, kind, grads) for b in m.model.layers]
@@ -55,7 +46,7 @@ def test_shrunk_equals_masked(kind):
 
 
 def test_importance_keeps_what_matters():
-    m, _ = tiny(layers=1)
+    m, _ = tiny_llama(layers=1, heads=8, kv_heads=4)
     attn = m.model.layers[0].self_attn
     with torch.no_grad():
         attn.o_proj.weight[:, st._group_cols(attn, 2)] *= 10
@@ -67,7 +58,7 @@ def test_importance_keeps_what_matters():
 
 
 def test_plan_hits_target_and_uniform_export():
-    m, _ = tiny(layers=4)
+    m, _ = tiny_llama(layers=4, heads=8, kv_heads=4)
     total = m.num_parameters()
     groups, channels = st.plan(m, st.StructuredConfig(target=0.2, head_ratio=0.5, channel_multiple=8))
     removed = sum(g * st.layer_params(m.config, i)[0] + c * st.layer_params(m.config, i)[1]
@@ -88,7 +79,7 @@ def test_plan_hits_target_and_uniform_export():
 
 
 def test_drop_blocks_equals_skipping():
-    m, _ = tiny(layers=4)
+    m, _ = tiny_llama(layers=4, heads=8, kv_heads=4)
     ids = _ids()
     ref = copy.deepcopy(m)
     st.drop_blocks(m, [1, 2])
@@ -109,14 +100,14 @@ def test_bad_structured_config():
         st.StructuredConfig(target=1.2)
     with pytest.raises(LeanLMError):
         st.StructuredConfig(importance="random")
-    m, _ = tiny(layers=2)
+    m, _ = tiny_llama(layers=2, heads=8, kv_heads=4)
     with pytest.raises(LeanLMError):
         st.plan(m, st.StructuredConfig(target=0.2, skip_first=1, skip_last=1))
 
 
 def test_pruned_model_generates_through_engine():
     from leanlm.infer.engine import Engine, SamplingParams
-    m, _ = tiny()
+    m, _ = tiny_llama(layers=3, heads=8, kv_heads=4)
     sa = [st.attention_group_importance(b.self_attn, None, "magnitude") for b in m.model.layers]
     sm = [st.mlp_channel_importance(b.mlp, None, "magnitude") for b in m.model.layers]
     st.shrink(m, *st.keep_sets(sa, sm, [1, 2, 0], [40, 16, 0]))

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from conftest import greedy_reference
 from leanlm.errors import LeanLMError
 from leanlm.infer.sampling import GenerationConfig
 from leanlm.infer.speculative import accept_reject, generate_speculative  # noqa: I001
@@ -26,14 +27,6 @@ def tiny_model(seed=0, vocab=128, layers=2, hidden=64):
 @pytest.fixture(scope="module")
 def target():
     return tiny_model(0, layers=4)
-
-
-@torch.inference_mode()
-def greedy_reference(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def rand_prompt(n, seed):
