@@ -43,10 +43,11 @@ def materialize(model: Transformer, sd: dict[str, torch.Tensor], source: str, me
         sd = ser.restore(model, sd, meta)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
+    own = model.state_dict(keep_vars=True)
+    expected = {k for k, v in own.items() if v.is_meta}
     if model.config.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    missing, unexpected = expected - sd.keys(), sd.keys() - set(model.state_dict().keys())
+    missing, unexpected = expected - sd.keys(), sd.keys() - own.keys()
     if missing or unexpected:
         parts = []
         if missing:
@@ -54,7 +55,6 @@ def materialize(model: Transformer, sd: dict[str, torch.Tensor], source: str, me
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensors (e.g. {sorted(unexpected)[0]})")
         raise LeanLMError(f"{source}: weights do not match the config: {'; '.join(parts)}")
-    own = model.state_dict(keep_vars=True)
     # Compressed modules keep their stored dtypes (e.g. fp16 scales); only plain weights follow `dtype`.
     keep = tuple(f"{n}." for n in ((meta or {}).get("modules") or {}))
     for k, v in sd.items():
@@ -131,12 +131,15 @@ def save_hf_folder(model: Transformer, tokenizer, folder: str | Path, dtype: tor
         tensors = model.state_dict()
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    out = {}
+    out, ptrs = {}, set()
     for k, v in tensors.items():
         v = v.detach()
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
-        out[k] = v.contiguous().clone() if v.data_ptr() in {t.data_ptr() for t in out.values()} else v.contiguous()
+        v = v.contiguous()
+        # safetensors refuses shared storage: a second tensor on the same memory gets its own copy
+        out[k] = v.clone() if v.data_ptr() in ptrs else v
+        ptrs.add(out[k].data_ptr())
     hf = cfg.to_hf(dtype=str(next(iter(out.values())).dtype).replace("torch.", "") if dtype else
                    str(model.dtype).replace("torch.", ""))
     if meta:
