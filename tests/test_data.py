@@ -52,8 +52,22 @@ def test_packaged_texts_are_sizeable_distinct_and_clean():
     assert packaged_path("eval").name == "eval.txt"
 
 
+def test_packaged_tech_text_is_technical_clean_and_held_out():
+    tech, ev, ca = packaged_text("tech"), packaged_text("eval"), packaged_text("calib")
+    assert packaged_path("tech").name == "tech.txt"
+    assert 50_000 <= len(tech) <= 100_000
+    assert tech.startswith("Unicode HOWTO") and "Functional Programming HOWTO" in tech
+    assert "code point" in tech and "generator" in tech and "UTF-8" in tech
+    assert "\r" not in tech and tech.endswith("\n") and "\n\n\n" not in tech
+    # the reStructuredText markup is gone: no roles, literals, directives or section underlines
+    assert ":func:`" not in tech and "``" not in tech and "\n.. " not in tech and "\n=====" not in tech
+    # a different work from both other texts: no shared 100-character passage
+    for i in range(0, len(tech) - 100, 2_000):
+        assert tech[i:i + 100] not in ca and tech[i:i + 100] not in ev
+
+
 def test_packaged_text_unknown_name():
-    with pytest.raises(LeanLMError, match="no packaged text 'test'; choose one of eval, calib"):
+    with pytest.raises(LeanLMError, match="no packaged text 'test'; choose one of eval, calib, tech"):
         packaged_text("test")
 
 
@@ -153,6 +167,8 @@ def test_calibration_samples_errors(tmp_path):
         calibration_samples(ByteTok(), 1, 5, path=p)
     with pytest.raises(LeanLMError, match="is leanlm's evaluation text"):
         calibration_samples(ByteTok(), 1, 5, path=packaged_path("eval"))
+    with pytest.raises(LeanLMError, match="is leanlm's evaluation text"):
+        calibration_samples(ByteTok(), 1, 5, path=packaged_path("tech"))
     with pytest.raises(LeanLMError, match="n >= 1"):
         calibration_samples(ByteTok(), 0, 5)
     with pytest.raises(LeanLMError, match="no such file"):

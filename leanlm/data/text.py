@@ -1,7 +1,8 @@
 """Text for evaluation and calibration: the packaged texts, user .txt / .jsonl files, calibration windows.
 
-The packaged evaluation text (Austen) and calibration text (Shakespeare + KJV Genesis) come from
-different works (texts/SOURCES.md), and `calibration_samples` refuses the evaluation text, so a
+The packaged evaluation texts (Austen; "tech": Python's HOWTO documentation, a held-out technical
+text out of the calibration domain) and the calibration text (Shakespeare + KJV Genesis) come from
+different works (texts/SOURCES.md), and `calibration_samples` refuses the evaluation texts, so a
 compression method never calibrates on what it is measured on.
 """
 from __future__ import annotations
@@ -14,11 +15,13 @@ import torch
 from leanlm.errors import LeanLMError
 
 TEXTS_DIR = Path(__file__).resolve().parent / "texts"
-PACKAGED = {"eval": "eval.txt", "calib": "calib.txt"}
+PACKAGED = {"eval": "eval.txt", "calib": "calib.txt", "tech": "tech.txt"}
+HELD_OUT = ("eval", "tech")  # evaluation texts: never calibration data
 
 
 def packaged_path(name: str) -> Path:
-    """Path of a packaged text: "eval" (held-out evaluation text) or "calib" (calibration text)."""
+    """Path of a packaged text: "eval" (held-out literary evaluation text), "calib" (calibration text)
+    or "tech" (held-out technical evaluation text)."""
     if name not in PACKAGED:
         raise LeanLMError(f"no packaged text {name!r}; choose one of {', '.join(PACKAGED)}")
     path = TEXTS_DIR / PACKAGED[name]
@@ -29,7 +32,7 @@ def packaged_path(name: str) -> Path:
 
 
 def packaged_text(name: str) -> str:
-    """The packaged "eval" or "calib" text as a string."""
+    """The packaged "eval", "calib" or "tech" text as a string."""
     return packaged_path(name).read_text(encoding="utf-8")
 
 
@@ -119,10 +122,11 @@ def calibration_samples(tokenizer, n: int, seq_len: int, path: str | Path | None
     if path is None:
         source, text = "packaged calibration text", packaged_text("calib")
     else:
-        eval_path = TEXTS_DIR / PACKAGED["eval"]
-        if eval_path.exists() and Path(path).exists() and Path(path).resolve() == eval_path.resolve():
-            raise LeanLMError(f"{path}: is leanlm's evaluation text; calibrating on it would leak into the "
-                              "evaluation; give another text (or none for the packaged calibration text)")
+        for held_out in HELD_OUT:
+            eval_path = TEXTS_DIR / PACKAGED[held_out]
+            if eval_path.exists() and Path(path).exists() and Path(path).resolve() == eval_path.resolve():
+                raise LeanLMError(f"{path}: is leanlm's evaluation text; calibrating on it would leak into the "
+                                  "evaluation; give another text (or none for the packaged calibration text)")
         source, text = str(path), read_text(path)
     ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
     total = ids.numel()
