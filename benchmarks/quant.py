@@ -31,7 +31,7 @@ ROWS = [
     "w4a16-rtn-g64", "w4a16-gptq-g64", "w4a16-rtn-g32", "w4a16-gptq-g32",
     "w3a16-rtn-g64", "w3a16-gptq-g64", "w3a16-rtn-g32", "w3a16-gptq-g32",
     "w8a16-rtn", "nf4", "w8a8-smoothquant", "w8a8-llmint8", "w2a16-gptq-g64",
-    "w4a16-gptq-g128+emb8", "w4a16-awq-g64", "w3a16-awq-g64",
+    "w4a16-gptq-g128+emb8", "w4a16-awq-g64", "w3a16-awq-g64", "w4a16-awq-g32", "w3a16-awq-g32",
 ]
 CUSTOM = {  # rows that are not built-in recipe names
     "asym-rtn-w4-g32": "- method: rtn\n  bits: 4\n  group_size: 32\n  sym: false\n",
@@ -77,9 +77,16 @@ def one_row(args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         leanlm.save(model, tok, Path(d) / "m")
         row["size_mb"] = (Path(d) / "m" / "model.safetensors").stat().st_size / 1e6
-    text = packaged_text("eval")[: args.eval_chars]
-    row["perplexity"] = perplexity(model, tok, text, ctx=args.ctx, stride=args.ctx, progress=False)["perplexity"]
+    full = packaged_text("eval")
+    text = full[: args.eval_chars] if args.eval_chars > 0 else full
+    res = perplexity(model, tok, text, ctx=args.ctx, stride=args.ctx, progress=False)
+    row["perplexity"], row["eval_tokens"] = res["perplexity"], res["tokens"]
+    if args.full_eval and 0 < args.eval_chars < len(full):
+        res = perplexity(model, tok, full, ctx=args.ctx, stride=args.ctx, progress=False)
+        row["perplexity_full"], row["eval_tokens_full"] = res["perplexity"], res["tokens"]
     row["peak_rss_mb"] = peak_rss_mb()  # before the fp32 reference copy is loaded for the speed test
+    if not args.speed:
+        return row
     fp32, _ = leanlm.load(None, dtype=torch.float32)
     row["fp32_decode_tok_s"], row["decode_tok_s"] = decode_side_by_side(fp32, model)
     row["decode_vs_fp32"] = row["decode_tok_s"] / row["fp32_decode_tok_s"]
@@ -93,7 +100,7 @@ def markdown(rows: list[dict], args) -> str:
     for r in rows:
         inc = "" if base is None else f"{r['perplexity'] - base['perplexity']:+.3f}"
         lines.append(f"| {r['recipe']} | {r.get('calibration') or '-'} | {r['perplexity']:.3f} | {inc} | "
-                     f"{r['size_mb']:.1f} | {r['decode_tok_s']:.2f} | {r['decode_vs_fp32']:.2f}x | "
+                     f"{r['size_mb']:.1f} | {r.get('decode_tok_s', float('nan')):.2f} | {r.get('decode_vs_fp32', float('nan')):.2f}x | "
                      f"{r['time_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -105,8 +112,11 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-chars", type=int, default=16000)
+    p.add_argument("--eval-chars", type=int, default=16000, help="score this prefix of the evaluation text (0: all)")
     p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--full-eval", action="store_true",
+                   help="also score the whole evaluation text (perplexity_full), besides the --eval-chars prefix")
+    p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the decode timing (and its fp32 copy)")
     p.add_argument("--out", default="docs/bench/quant.jsonl")
     p.add_argument("--md", default=None, help="write the markdown table here (stdout otherwise)")
     args = p.parse_args()
@@ -123,6 +133,7 @@ def main():
             continue
         cmd = [sys.executable, __file__, "--row", name, "--threads", str(args.threads), "--samples", str(args.samples),
                "--seq-len", str(args.seq_len), "--eval-chars", str(args.eval_chars), "--ctx", str(args.ctx)]
+        cmd += (["--full-eval"] if args.full_eval else []) + ([] if args.speed else ["--no-speed"])
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:

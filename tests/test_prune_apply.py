@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from leanlm.compress.prune import structured as st
 from leanlm.compress.prune.apply import block_redundancy, owl_sparsities
 from leanlm.compress.prune.masks import is_nm
 from leanlm.compress.prune.methods import PruneConfig

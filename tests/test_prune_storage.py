@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from leanlm.compress.prune.masks import is_nm
-from leanlm.compress.prune.storage import pack_sparse, pack_state, packed_nbytes, unpack_sparse, unpack_state
+from leanlm.compress.prune.storage import pack_sparse, pack_state, unpack_sparse, unpack_state
 from leanlm.compress.recipe import apply_recipe, builtin_names, load_recipe, parse_recipe, resolve
 from conftest import tiny_llama
 from leanlm.errors import LeanLMError
@@ -65,7 +65,7 @@ def test_sparse_model_saves_smaller_and_loads_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sparse50-magnitude", "sparse50-wanda", "sparse50-sparsegpt", "sparse24-magnitude",
-                                  "sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-w4a16",
+                                  "sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-w4a16", "sparse24-wanda-gptq-w4a16",
                                   "structured-20", "structured-35", "layerdrop-4", "lowrank-20"])
 def test_builtin_recipes_resolve(name):
     assert name in builtin_names()

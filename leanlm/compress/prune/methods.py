@@ -7,7 +7,6 @@ quantization returns the packed QuantLinear that replaces the layer). Magnitude 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

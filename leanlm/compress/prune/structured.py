@@ -100,7 +100,6 @@ def mlp_channel_importance(mlp, down_input_sq: torch.Tensor | None, kind: str,
 def taylor_gradients(model, samples: torch.Tensor, batch: int = 2) -> dict:
     """Gradients of the next-token loss over `samples` [n, T], for first-order (Taylor) importance."""
     params = [p for blk in model.model.layers for p in blk.parameters()]
-    was = [p.requires_grad for p in params]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)

@@ -8,6 +8,8 @@ o_proj keeps s = 1 (with grouped-query attention its inputs do not map onto v_pr
 Then each layer searches, per output row and group, the clipping ratio of the group's range that
 minimises that group's contribution to the output error, and is quantized by RTN on the clipped
 weights. Error is measured on the layer outputs (a subsample of `max_tokens` calibration tokens).
+Pruned weights (exact zeros, `keep_zeros`) stay exactly zero: scaling and clipping map 0 to 0, and
+the grids hold 0 exactly (grid.grid_params).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class AWQConfig(RTNConfig):
 
 def fake_quant(w: torch.Tensor, cfg: RTNConfig) -> torch.Tensor:
     g = cfg.group_size if cfg.group_size > 0 else w.shape[1]
-    codes, s, o = rtn_quantize(w, cfg.bits, g, cfg.sym)
+    codes, s, o = rtn_quantize(w, cfg.bits, g, cfg.sym, (w == 0) if cfg.keep_zeros else None)
     return dequantize(codes, s, o, g)
 
 
@@ -78,7 +80,7 @@ def clip_weight(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
         for i in range(cfg.clip_grid):
             r = 1 - 0.5 * i / cfg.clip_grid
             wc = torch.clamp(wg, lo * r, hi * r)
-            q = fake_quant(wc, RTNConfig(cfg.bits, -1, cfg.sym))
+            q = fake_quant(wc, RTNConfig(cfg.bits, -1, cfg.sym, cfg.keep_zeros))
             err = (xg @ q.t() - ref).pow(2).mean(0)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -106,5 +108,5 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig):
     for n in ctx.modules:
         lin = ctx.layer(n)
         w = clip_weight(lin.weight, X[n], cfg) if cfg.clip else lin.weight
-        codes, sc, off = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym)
+        codes, sc, off = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, (w == 0) if cfg.keep_zeros else None)
         ctx.replace(n, QuantLinear.from_codes(codes, sc, off, cfg.bits, cfg.group_size, cfg.sym, bias=lin.bias))

@@ -8,6 +8,12 @@ diagonal). With act-order, groups are *static*: each group's scale comes from th
 weights of its contiguous columns, so the stored layout is plain (no g_idx permutation at
 inference, the same fast kernel). Without act-order a group's scale is computed from the
 already-updated weights when the solver reaches its first column, like the reference.
+
+Masks of earlier pruning steps are kept (`keep_zeros`, default on): weights that are exactly zero
+stay exactly zero. They get the grid's zero code (0 is exact on the symmetric grid; an asymmetric
+group holding one gets an integer zero point, grid.grid_params), and as in SparseGPT a pruned
+weight's accumulated update is removed when the solver reaches its column, its error compensated in
+the columns not yet quantized, so the compensation ends up only in the kept weights.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class RTNConfig:
     bits: int = 4
     group_size: int = 128  # <= 0: one group per output channel
     sym: bool = True
+    keep_zeros: bool = True  # exact zeros (an earlier step's pruning mask) stay exactly zero
 
     def validate(self):
         if not 2 <= self.bits <= 8:
@@ -52,7 +59,8 @@ def rtn_solve(state, layer: nn.Linear, cfg: RTNConfig) -> nn.Module:
         from leanlm.compress.quant.embedding import QuantEmbedding
 
         return QuantEmbedding.from_embedding(layer)  # bits == 8, checked when the recipe is resolved
-    codes, s, o = rtn_quantize(layer.weight.detach(), cfg.bits, cfg.group_size, cfg.sym)
+    w = layer.weight.detach()
+    codes, s, o = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, (w == 0) if cfg.keep_zeros else None)
     return QuantLinear.from_codes(codes, s, o, cfg.bits, cfg.group_size, cfg.sym, bias=layer.bias)
 
 
@@ -77,10 +85,15 @@ def gptq_accumulate(state: HessianState, x: torch.Tensor):
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool, damp: float = 0.01,
-                  act_order: bool = True, block_size: int = 128):
-    """Core solver. W [N, K], H [K, K] (not modified). Returns codes [N, K], scales/offsets [N, G]."""
+                  act_order: bool = True, block_size: int = 128, keep_zeros: bool = True):
+    """Core solver. W [N, K], H [K, K] (not modified). Returns codes [N, K], scales/offsets [N, G].
+
+    keep_zeros: the weights that are exactly zero in W come out as codes that dequantize to exactly 0.
+    """
     W = W.detach().float().clone()
     N, K = W.shape
+    pruned = (W == 0) if keep_zeros else torch.zeros(N, K, dtype=torch.bool)
+    masked = bool(pruned.any())
     g = group_size if 0 < group_size < K else K
     G = -(-K // g)
     H = H.clone()
@@ -92,9 +105,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     offsets = torch.zeros(N, G)
     if static:
         for j in range(G):
-            scales[:, j], offsets[:, j] = grid_params(W[:, j * g:(j + 1) * g], bits, sym)
+            scales[:, j], offsets[:, j] = grid_params(W[:, j * g:(j + 1) * g], bits, sym,
+                                                      pruned[:, j * g:(j + 1) * g] if masked else None)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, pruned = W[:, perm], H[perm][:, perm], pruned[:, perm]
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
@@ -111,10 +125,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
             if not static and col % g == 0:
                 # reached a new group: its grid comes from the weights updated so far
                 rest = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, : min(g, K - col)]
-                scales[:, gi], offsets[:, gi] = grid_params(rest, bits, sym)
+                scales[:, gi], offsets[:, gi] = grid_params(rest, bits, sym,
+                                                            pruned[:, col:col + rest.shape[1]] if masked else None)
             w = W1[:, i]
             d = Hinv1[i, i]
-            q = quantize_codes(w[:, None], scales[:, gi], offsets[:, gi], bits)[:, 0]
+            wq = w.masked_fill(pruned[:, col], 0.0) if masked else w  # a pruned weight goes back to 0
+            q = quantize_codes(wq[:, None], scales[:, gi], offsets[:, gi], bits)[:, 0]
             codes[:, col] = q
             dq = q * scales[:, gi] + offsets[:, gi]
             err = (w - dq) / d
@@ -129,5 +145,5 @@ def gptq_solve(state: HessianState, layer: nn.Linear, cfg: GPTQConfig) -> QuantL
     if state is None or state.n == 0:
         return rtn_solve(None, layer, cfg)
     codes, s, o = gptq_quantize(layer.weight, state.H, cfg.bits, cfg.group_size, cfg.sym, cfg.damp,
-                                cfg.act_order, cfg.block_size)
+                                cfg.act_order, cfg.block_size, cfg.keep_zeros)
     return QuantLinear.from_codes(codes, s, o, cfg.bits, cfg.group_size, cfg.sym, bias=layer.bias)

@@ -7,6 +7,12 @@ Symmetric grids have offset = -2**(bits-1) * scale (GPTQ's convention: zero poin
 asymmetric grids use the group minimum as offset (a float zero point, like GGUF's Q4_1), so a
 weight that already sits on a Q4_1 grid is reproduced exactly.
 Scales and offsets are rounded to fp16 when computed, so what the solver sees is what is stored.
+
+Pruned weights (exact zeros that must stay zero, `keep_zero`): the symmetric grid always holds 0
+exactly (code 2**(bits-1)). An asymmetric group that must hold 0 and whose float-minimum grid does
+not already map it to exactly 0 gets an integer zero point z instead: offset = -z * scale, with the
+scale rounded up to `11 - bits` significant bits so that z * scale is exact in fp16 (the stored
+offset) and code z dequantizes to exactly 0.
 """
 from __future__ import annotations
 
@@ -24,20 +30,62 @@ def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.T
     return t.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
-def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset [N] for the columns of w [N, k] (one group)."""
+def grid_params(w: torch.Tensor, bits: int, sym: bool,
+                keep_zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset [N] for the columns of w [N, k] (one group).
+
+    keep_zero: optional bool [N, k], True where the weight must dequantize to exactly 0 (a pruned
+    weight; its value in w is ignored); rows holding one get a grid on which 0 is exact.
+    """
     w = w.float()
     maxq = 2 ** bits - 1
+    if keep_zero is not None:
+        w = w.masked_fill(keep_zero, 0.0)
     if sym:
         amax = w.abs().amax(dim=1)
         scale = 2 * amax / maxq
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
         offset = -(2 ** (bits - 1)) * scale
-    else:
-        lo, hi = w.amin(dim=1), w.amax(dim=1)
-        scale = (hi - lo) / maxq
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
-        offset = lo.half().float()
+        return scale, offset
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
+    offset = lo.half().float()
+    if keep_zero is not None:
+        need = keep_zero.any(dim=1) & ~zero_is_exact(scale, offset, bits)
+        if need.any():
+            s, o = zero_point_grid(lo[need], hi[need], bits)
+            scale, offset = scale.clone(), offset.clone()
+            scale[need], offset[need] = s, o
+    return scale, offset
+
+
+def zero_is_exact(scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per row: does some code of the grid dequantize to exactly 0?"""
+    z = torch.clamp(torch.round(-offset / scale), 0, 2 ** bits - 1)
+    return z * scale + offset == 0
+
+
+def zero_point_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric grid over [min(lo, 0), max(hi, 0)] with an integer zero point z: code z is exactly 0.
+
+    The scale is rounded *up* to 11 - bits significant bits (the range stays covered), so z * scale
+    (z < 2**bits) has at most 11 significant bits and the offset -z * scale is exact in fp16. A scale
+    that would fall below fp16's normal range becomes a power of two (then z * scale is exact too).
+    """
+    maxq = 2 ** bits - 1
+    lo, hi = torch.clamp(lo.float(), max=0), torch.clamp(hi.float(), min=0)
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0 ** -10))
+    quantum = torch.exp2(torch.floor(torch.log2(scale)) - (10 - bits))
+    scale = torch.ceil(scale / quantum) * quantum
+    z = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    offset = -z * scale
+    bad = (scale.half().float() != scale) | (offset.half().float() != offset)
+    if bad.any():  # subnormal fp16 range: a power-of-two scale, still covering the range
+        scale = torch.where(bad, torch.clamp(torch.exp2(torch.ceil(torch.log2(scale))), min=2.0 ** -14), scale)
+        z = torch.clamp(torch.round(-lo / scale), 0, maxq)
+        offset = -z * scale
     return scale, offset
 
 
@@ -48,13 +96,19 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, b
     return torch.clamp(torch.round((w.float() - offset) / scale), 0, 2 ** bits - 1)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool):
-    """Round-to-nearest: codes [N, K] (uint8), scales [N, G], offsets [N, G] (fp32 values of fp16s)."""
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, keep_zero: torch.Tensor | None = None):
+    """Round-to-nearest: codes [N, K] (uint8), scales [N, G], offsets [N, G] (fp32 values of fp16s).
+
+    keep_zero: optional bool [N, K] of weights that must dequantize to exactly 0 (see grid_params).
+    """
     N, K = w.shape
     g = group_size if group_size > 0 else K
+    if keep_zero is not None:
+        w = w.masked_fill(keep_zero, 0.0)
     scales, offsets = [], []
     for start in range(0, K, g):
-        s, o = grid_params(w[:, start:start + g], bits, sym)
+        s, o = grid_params(w[:, start:start + g], bits, sym,
+                           None if keep_zero is None else keep_zero[:, start:start + g])
         scales.append(s)
         offsets.append(o)
     scales, offsets = torch.stack(scales, 1), torch.stack(offsets, 1)
