@@ -112,36 +112,69 @@ def attention(q, k, v, mask) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def fused_weight(owner: nn.Module, name: str, mods: tuple) -> tuple | None:
-    """The fused (weight, bias) made by fuse_linears, if it still aliases the modules' weights.
+class _FusedLinear:
+    """F.linear over weights concatenated by fuse_linears."""
+
+    def __init__(self, w, b):
+        self.w, self.b = w, b
+
+    def __call__(self, x):
+        return F.linear(x, self.w, self.b)
+
+
+def _key_tensor(m: nn.Module):
+    """The tensor whose storage says a module is still the one that was fused."""
+    return m.weight if type(m) is nn.Linear else getattr(m, "qweight", None)
+
+
+def fused_weight(owner: nn.Module, name: str, mods: tuple):
+    """The fused forward (a callable) made by fuse_linears, if it still matches the modules.
 
     Falls back (None) while training or when a module has hooks (calibration), and drops the fused
-    tensor for good once a module was replaced (LoRA, quantization) or re-assigned (dtype change).
+    copy for good once a module was replaced (LoRA, quantization) or re-assigned (dtype change).
     """
     fused = owner.__dict__.get(name)
     if fused is None:
         return None
-    w, b, ptrs = fused
-    if (any(type(m) is not nn.Linear for m in mods) or tuple(m.weight.data_ptr() for m in mods) != ptrs
-            or w.dtype != mods[0].weight.dtype):
+    fn, types, ptrs, dtype = fused
+    keys = [_key_tensor(m) for m in mods]
+    if (tuple(type(m) for m in mods) != types or any(k is None for k in keys)
+            or tuple(k.data_ptr() for k in keys) != ptrs or keys[0].dtype != dtype):
         del owner.__dict__[name]  # stale: free it
         return None
-    if torch.is_grad_enabled() and mods[0].weight.requires_grad:
+    if torch.is_grad_enabled() and keys[0].requires_grad:
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in mods):
         return None
-    return w, b
+    return fn
 
 
 def fuse_linears(owner: nn.Module, name: str, mods: tuple) -> bool:
-    """Concatenate the weights of `mods` (same input) into one matrix; the modules' weights become views
-    of it, so memory is unchanged and state_dict keeps transformers' names."""
-    if any(type(m) is not nn.Linear for m in mods) or len({m.weight.dtype for m in mods}) != 1:
-        return False
-    if any(m.weight.is_meta for m in mods):
-        return False
+    """One matmul for layers that read the same input. nn.Linear weights are concatenated into one matrix
+    and the modules' weights become views of it (memory unchanged, state_dict keeps transformers'
+    names); quantized layers of one format (a class with a `fused(mods)` constructor) get one fused
+    packed kernel."""
     if name in owner.__dict__ and fused_weight(owner, name, mods) is not None:
         return True  # already fused and still valid
+    kind = type(mods[0])
+    if any(type(m) is not kind for m in mods) or any(_key_tensor(m) is None or _key_tensor(m).is_meta for m in mods):
+        return False
+    if kind is nn.Linear:
+        if len({m.weight.dtype for m in mods}) != 1:
+            return False
+        fn = _fuse_dense(mods)
+    elif hasattr(kind, "fused"):
+        fn = kind.fused(mods)
+        if fn is None:
+            return False
+    else:
+        return False
+    keys = [_key_tensor(m) for m in mods]
+    owner.__dict__[name] = (fn, tuple(type(m) for m in mods), tuple(k.data_ptr() for k in keys), keys[0].dtype)
+    return True
+
+
+def _fuse_dense(mods: tuple) -> _FusedLinear:
     # Outside inference mode even when called from generation, so the weights stay usable for training.
     with torch.inference_mode(False), torch.no_grad():
         w = torch.cat([m.weight for m in mods])
@@ -156,8 +189,7 @@ def fuse_linears(owner: nn.Module, name: str, mods: tuple) -> bool:
             if m.bias is not None:
                 m.bias = nn.Parameter(b[off:off + n], requires_grad=m.bias.requires_grad)
             off += n
-    owner.__dict__[name] = (w, b, tuple(m.weight.data_ptr() for m in mods))
-    return True
+    return _FusedLinear(w, b)
 
 
 class Attention(nn.Module):
@@ -179,7 +211,7 @@ class Attention(nn.Module):
         fused = fused_weight(self, "_qkv", (self.q_proj, self.k_proj, self.v_proj))
         if fused is not None and not hasattr(self, "q_norm"):
             # One matmul for q/k/v and one RoPE pass over the q and k heads together.
-            y = F.linear(x, *fused)
+            y = fused(x)
             nq, nk = self.nh * self.hd, self.nkv * self.hd
             qk = apply_rope(y[..., : nq + nk].view(B, T, self.nh + self.nkv, self.hd).transpose(1, 2), cos, sin)
             q, k = qk[:, : self.nh], qk[:, self.nh:]
@@ -214,7 +246,7 @@ class MLP(nn.Module):
     def forward(self, x):
         fused = fused_weight(self, "_gate_up", (self.gate_proj, self.up_proj))
         if fused is not None:
-            gate, up = F.linear(x, *fused).chunk(2, dim=-1)
+            gate, up = fused(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

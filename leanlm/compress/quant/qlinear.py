@@ -44,6 +44,7 @@ class QuantLinear(nn.Module):
             self.offsets = None
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._kernel = None  # built lazily from the stored tensors
+        self._parts = None  # set on a fused copy (see fused)
 
     # ---- construction ----
     @classmethod
@@ -91,10 +92,31 @@ class QuantLinear(nn.Module):
         return "dequant"
 
     def _kernel_group(self) -> int | None:
-        for kg in KERNEL_GROUPS:
-            if self.group_size % kg == 0:
-                return kg
-        return None
+        # Prefer a kernel group that also divides the width: no zero-padding of x or the codes at every
+        # call (576 = 4.5 x 128, so a g128 layer runs as kernel groups of 64 that repeat each scale twice).
+        fits = [kg for kg in KERNEL_GROUPS if self.group_size % kg == 0]
+        exact = [kg for kg in fits if self.in_features % kg == 0]
+        return (exact or fits or [None])[0]
+
+    @classmethod
+    def fused(cls, mods: tuple) -> "QuantLinear | None":
+        """One QuantLinear computing the given layers' outputs concatenated (q/k/v, gate/up), or None when
+        they differ in format. Rows are independent in the kernels, so the outputs equal the separate
+        layers'. The fused copy keeps only its packed kernel (the layers keep the saved codes)."""
+        a = mods[0]
+        if any(type(m) is not cls or m.config() | {"out_features": 0} != a.config() | {"out_features": 0}
+               for m in mods) or a.path() != "int4pack" or a.bias is not None:
+            return None
+        n = sum(m.out_features for m in mods)
+        f = cls(a.in_features, n, a.bits, a.group_size, a.sym)
+        f.qweight = torch.cat([m.qweight for m in mods])
+        f.scales = torch.cat([m.scales for m in mods])
+        if not a.sym:
+            f.offsets = torch.cat([m.offsets for m in mods])
+        f._build_kernel()
+        f.qweight = f.qweight[:0]  # the kernel holds the weights now
+        f._parts = list(mods)  # a list: not registered, not saved; the reference path runs them one by one
+        return f
 
     def _build_kernel(self):
         path = self.path()
@@ -125,15 +147,18 @@ class QuantLinear(nn.Module):
             self._kernel = ("dequant",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        many = x2.shape[0] >= PREFILL_ROWS
+        if self._parts is not None and (many or not QuantLinear.fast):
+            return torch.cat([m(x) for m in self._parts], -1)  # a fused copy keeps no codes of its own
         if not QuantLinear.fast:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         if self._kernel is None:
             self._build_kernel()
         k = self._kernel
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] >= PREFILL_ROWS and k[0] != "dequant":
+        if many and k[0] != "dequant":
             # many rows (prefill, perplexity, calibration): dequantize once and run the fp32 GEMM, which
             # is no slower than the bf16 kernels there and exact in fp32; the kernels win at decode
             k = ("dequant",)
@@ -152,4 +177,3 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
-
