@@ -33,13 +33,18 @@ def resolve_source(source) -> Path:
     return path
 
 
-def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_cache: bool = True):
+def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_cache: bool = True, quantize=None):
     """Load a model and its tokenizer: `model, tokenizer = leanlm.load()` (None = default model).
 
     source: a Hugging Face folder (config.json + safetensors + tokenizer.json) or a .gguf file.
     A GGUF is dequantized once and cached as an fp32 folder (LEANLM_CACHE), so later loads are fast.
+    quantize: a hook quantize(name, weight, bias) -> module | None, called for each float nn.Linear as
+    its weight is read, e.g. `leanlm.peft.qlora.nf4_on_load(targets)` (QLoRA): from a folder (or the
+    GGUF's cache) the float model is then never whole in memory; a GGUF read without the cache is
+    dequantized whole (and converted to dtype) first and quantized after.
     """
-    from leanlm.io.checkpoint import build_on_meta, load_hf_folder, materialize, save_hf_folder
+    from leanlm.io.checkpoint import (build_on_meta, load_hf_folder, materialize, quantize_linears,
+                                      save_hf_folder)
     from leanlm.io.gguf import load_gguf
     from leanlm.io.registry import converted_dir
     from leanlm.io.tokenizer import Tokenizer
@@ -47,11 +52,11 @@ def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_
     dt = parse_dtype(dtype)
     path = resolve_source(source)
     if path.is_dir():
-        model, tok = load_hf_folder(path, dtype=dt)
+        model, tok = load_hf_folder(path, dtype=dt, quantize=quantize)
     elif path.suffix.lower() == ".gguf":
         conv = converted_dir(path)
         if convert_cache and (conv / "model.safetensors").exists():
-            model, tok = load_hf_folder(conv, dtype=dt)
+            model, tok = load_hf_folder(conv, dtype=dt, quantize=quantize)
         else:
             if progress:
                 from leanlm.report import progress as bar
@@ -70,6 +75,8 @@ def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_
                     pass  # a read-only cache only costs speed
             if dt is not None:
                 model = model.to(dt)
+            if quantize is not None:
+                model = quantize_linears(model, quantize)
     else:
         raise LeanLMError(f"{path}: not a folder or a .gguf file; pass a Hugging Face model folder or a .gguf file")
     model.source = str(path)

@@ -2,36 +2,40 @@
 import pytest
 import torch
 
+from leanlm.compress.quant.nf4 import NF4, NF4Linear
 from leanlm.model import ModelConfig, Transformer
 from leanlm.peft import LoraConfig, save_adapter, load_adapter
 from leanlm.peft.lora import LoraLinear
-from leanlm.peft.qlora import NF4, NF4Linear, apply_qlora, merge_error, nf4_quantize, quantize_nf4
+from leanlm.peft.qlora import apply_qlora, merge_error, nf4_quantize, quantize_nf4
 from leanlm.train import TrainConfig, train
 from leanlm.train.loop import causal_lm_loss, collate
+
+NF4_TABLE = torch.tensor(NF4)
 
 
 def test_nf4_codes_are_nearest_quantiles_and_scales_double_quantized():
     torch.manual_seed(0)
     w = torch.randn(48, 128) * 0.02
-    q = NF4Linear(w)
+    q = nf4_quantize(w)
+    assert isinstance(q, NF4Linear) and q.block_size == 64 and q.double_quant  # QLoRA's layout
     deq = q.dequantize()
-    blocks = w.reshape(-1, 64)
+    blocks = w.reshape(-1, 64)  # QLoRA/bitsandbytes: blocks of 64 consecutive weights of the flat tensor
     absmax = blocks.abs().amax(1)
-    packed, q2, s2, mean = nf4_quantize(w)
-    am = (q2.view(-1, 256).float() * s2[:, None]).reshape(-1)[:blocks.shape[0]] + mean
+    am = q.block_absmax().reshape(-1)
     # double quantization (int8 around the mean) keeps every block scale within 1%
     assert ((am - absmax).abs() / absmax).max() < 0.01
     # reference: brute-force nearest NF4 value for each weight, given its block scale
-    ref = NF4[(blocks / am[:, None]).clamp(-1, 1).unsqueeze(-1).sub(NF4).abs().argmin(-1)] * am[:, None]
+    ref = NF4_TABLE[(blocks / am[:, None]).clamp(-1, 1).unsqueeze(-1).sub(NF4_TABLE).abs().argmin(-1)] * am[:, None]
     torch.testing.assert_close(deq.reshape(-1, 64), ref)
+    torch.testing.assert_close(deq, q.dequantized_weight())  # fast and plain dequantization agree
     assert (deq - w).norm() / w.norm() < 0.12
-    assert q.absmax_codes.dtype == torch.int8 and q.nf4_codes.dtype == torch.uint8
-    assert q.nf4_codes.numel() == w.numel() // 2
+    assert q.absmax_q.dtype == torch.int8 and q.qweight.dtype == torch.uint8
+    assert q.qweight.numel() == w.numel() // 2 and q.absmax_q.numel() == w.numel() // 64
 
 
 def test_nf4_matmul_gradients_match_dense():
     torch.manual_seed(0)
-    q = NF4Linear(torch.randn(32, 64), torch.randn(32))
+    q = nf4_quantize(torch.randn(32, 64), torch.randn(32))
     x = torch.randn(3, 5, 64, requires_grad=True)
     y = q(x)
     y.pow(2).sum().backward()
@@ -40,6 +44,36 @@ def test_nf4_matmul_gradients_match_dense():
     y2.pow(2).sum().backward()
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(x.grad, x2.grad)
+    # backward recomputes the dense weight: the graph saves no [32, 64] tensor
+    z = q(torch.randn(2, 64, requires_grad=True))
+    saved = [t for t in _saved_tensors(z.grad_fn) if t.shape == (32, 64)]
+    assert not saved
+
+
+def _saved_tensors(fn, seen=None):
+    seen = set() if seen is None else seen
+    out = []
+    if fn is None or id(fn) in seen:
+        return out
+    seen.add(id(fn))
+    for name in dir(fn):
+        if name.startswith("_saved_"):
+            v = getattr(fn, name)
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+    for nxt, _ in fn.next_functions:
+        out += _saved_tensors(nxt, seen)
+    return out
+
+
+def test_requantize_resets_the_dequantization_cache():
+    torch.manual_seed(0)
+    q = nf4_quantize(torch.randn(16, 64))
+    before = q.dequantize().clone()
+    w2 = torch.randn(16, 64) * 3
+    q.requantize(w2)
+    torch.testing.assert_close(q.dequantize(), nf4_quantize(w2).dequantize())
+    assert not torch.equal(q.dequantize(), before)
 
 
 def tiny():
@@ -108,7 +142,7 @@ def test_loftq_starts_closer_to_the_float_weights():
         for name, mod in m.named_modules():
             if isinstance(mod, LoraLinear):
                 w = fp.get_submodule(name).weight
-                e += float((mod.base_layer.dequantize() + mod.delta_weight() - w).norm() / w.norm())
+                e += float(((mod.base_layer.dequantize() + mod.delta_weight() - w).norm() / w.norm()).detach())
         return e
 
     assert err(loftq) < 0.8 * err(plain)
@@ -124,3 +158,76 @@ def test_qlora_rejects_loftq_on_plain_lora():
 
     with pytest.raises(LeanLMError, match="QLoRA"):
         apply_lora(tiny(), LoraConfig(init="loftq"))
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models
+
+    from leanlm.io.tokenizer import Tokenizer
+
+    return Tokenizer(HFTok(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>")), eos_token="</s>")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantize_on_load_equals_quantizing_after_a_full_load(tmp_path, tied):
+    """leanlm.load(quantize=nf4_on_load(...)) quantizes each weight as it is read: the NF4 codes, scales
+    and outputs equal those of quantizing the fully loaded float model, and LoRA on top trains the same."""
+    import leanlm
+    from leanlm.peft.qlora import nf4_on_load
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, tie_word_embeddings=tied, attention_bias=True,
+                      attention_out_bias=True)
+    m = Transformer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+    leanlm.save(m, _word_tokenizer(), tmp_path / "m")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    seen = []
+
+    def hook(name, weight, bias):
+        seen.append((name, weight.dtype, bias is not None))
+        return nf4_on_load(targets)(name, weight, bias)
+
+    lazy = leanlm.api.load(str(tmp_path / "m"), quantize=hook)[0]
+    full = leanlm.api.load(str(tmp_path / "m"))[0]
+    names = quantize_nf4(full, targets)
+    assert len(names) == 14 and {n for n, _, _ in seen} == set(names) | ({"lm_head"} if not tied else set())
+    assert all(dt == torch.float32 for _, dt, _ in seen) and sum(b for _, _, b in seen) == 8  # q/k/v/o bias
+    for name in names:
+        a, b = lazy.get_submodule(name), full.get_submodule(name)
+        assert isinstance(a, NF4Linear) and isinstance(b, NF4Linear)
+        for key, t in b.state_dict().items():
+            assert torch.equal(a.state_dict()[key], t), (name, key)
+    assert isinstance(lazy.lm_head, torch.nn.Linear)  # the head is not a target
+    if tied:
+        assert lazy.lm_head.weight is lazy.model.embed_tokens.weight
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(lazy(ids), full(ids), rtol=0, atol=0)
+    losses = []
+    for model in (lazy, full):
+        torch.manual_seed(1)
+        model = apply_qlora(model, LoraConfig(r=4, alpha=8))
+        for mod in model.modules():
+            if isinstance(mod, LoraLinear):
+                torch.nn.init.normal_(mod.lora_B.weight, std=0.02)  # same adapter start for both
+        losses.append(train(model, data(), TrainConfig(max_steps=3, batch_size=4, lr=1e-2, progress=False)).losses)
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_qlora_trains_after_generation_in_inference_mode():
+    """Generation before training builds NF4's dequantization tables under inference_mode; training must
+    still work (the training loop no longer copies inference tensors)."""
+    from leanlm.infer.generate import generate_tokens
+    from leanlm.infer.sampling import GenerationConfig
+
+    m = tiny()
+    quantize_nf4(m, LoraConfig().target_modules)
+    list(generate_tokens(m, [[1, 2, 3]], GenerationConfig(max_new_tokens=3)))
+    m = apply_qlora(m, LoraConfig(r=4, alpha=8))
+    res = train(m, data(), TrainConfig(max_steps=4, batch_size=8, lr=1e-2, progress=False))
+    assert len(res.losses) == 4 and res.losses[-1] < res.losses[0]

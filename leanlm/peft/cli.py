@@ -77,12 +77,30 @@ def method_options(args) -> dict:
     return {}
 
 
+def load_for(args):
+    """The model and tokenizer; QLoRA's targets become NF4 as the loader reads them, so the float model
+    is never whole in memory (its accuracy "before" is then the NF4 base's)."""
+    from leanlm.cli import load_model
+
+    if args.method != "qlora":
+        return load_model(args)
+    import sys
+
+    import torch
+
+    import leanlm
+    from leanlm.peft.qlora import nf4_on_load
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return leanlm.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty(),
+                       quantize=nf4_on_load(targets_arg(args.targets)))
+
+
 def prepare(model, tokenizer, method: str, options: dict):
     """Apply `method` to the model; returns the model to train."""
     from leanlm.peft import apply
-    from leanlm.train.loop import drop_inference_tensors
 
-    drop_inference_tensors(model)  # measuring accuracy first ran generation under inference_mode
     if method == "mezo":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -124,7 +142,6 @@ def load_data(args, tokenizer):
 def run(args) -> int:
     import torch
 
-    from leanlm.cli import load_model
     from leanlm.peft import save_adapter, trainable_parameters
     from leanlm.report import emit_json, print_table
     from leanlm.train import TrainConfig, evaluate_loss, train
@@ -133,7 +150,7 @@ def run(args) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise LeanLMError("--max-steps must be at least 1")
     torch.manual_seed(args.seed)
-    model, tok = load_model(args)
+    model, tok = load_for(args)
     base_name = getattr(model, "source", None)
     train_data, held, task, recs = load_data(args, tok)
 

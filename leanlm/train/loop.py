@@ -141,28 +141,6 @@ def evaluate_loss(model, data: list[dict], batch_size: int, bf16: bool = False, 
     return total / max(count, 1)
 
 
-def drop_inference_tensors(model) -> None:
-    """Tensors made under torch.inference_mode (generation before training: RoPE tables, fused
-    projection weights) cannot be saved for backward; replace them by normal copies (ties kept)."""
-    import torch.nn as nn
-
-    rope = getattr(getattr(model, "base_model", model), "rope", None)
-    cos = getattr(rope, "cos", None)
-    if cos is not None and cos.is_inference():
-        rope.cos = rope.sin = None
-        rope.n = 0
-    done: dict[int, nn.Parameter] = {}
-    for mod in model.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is not None and (id(p) in done or p.is_inference()):
-                if id(p) not in done:
-                    done[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                mod._parameters[name] = done[id(p)]
-        for name, b in list(mod._buffers.items()):
-            if b is not None and b.is_inference():
-                mod._buffers[name] = b.clone()
-
-
 def _rewind_log(log: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint by the interrupted run."""
     if not log.exists():
@@ -185,7 +163,6 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LeanLMError("the model has no trainable parameters; apply a fine-tuning method first")
-    drop_inference_tensors(model)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     mezo = cfg.optimizer == "mezo"

