@@ -169,3 +169,32 @@ def test_sparse24_wanda_gptq_recipe_keeps_24_through_save_and_load(tmp_path):
         assert is_nm(w, 2, 4) and bool((w[masks[n]] == 0).all()), n
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
+
+
+@pytest.mark.slow
+def test_real_layer_gptq_after_wanda_beats_rtn_after_wanda():
+    import leanlm
+    from leanlm.data.text import calibration_samples
+
+    model, tok = leanlm.load()
+    samples = calibration_samples(tok, 2, 128, seed=0)
+    blk = model.model.layers[3]
+    got = {}
+    hooks = [mod.register_forward_pre_hook(lambda m, a, n=n: got.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, mod in (("gate", blk.mlp.gate_proj), ("down", blk.mlp.down_proj))]
+    with torch.no_grad():
+        model(samples)
+    for h in hooks:
+        h.remove()
+    for name, lin0 in (("gate", blk.mlp.gate_proj), ("down", blk.mlp.down_proj)):
+        x = torch.cat(got[name])
+        lin = nn.Linear(lin0.in_features, lin0.out_features, bias=False)
+        lin.weight.data.copy_(lin0.weight.detach())
+        _run("wanda", lin, x, PruneConfig(pattern="2:4"))
+        mask, pruned = lin.weight.detach() == 0, lin.weight.detach().clone()
+        cfg = GPTQConfig(bits=4, group_size=128)  # 576 and 1536 wide: a shorter last group on 576
+        wq = gptq_solve(_hessian(lin, x), lin, cfg).dequantized_weight()
+        wr = rtn_solve(None, lin, cfg).dequantized_weight()
+        assert is_nm(wq, 2, 4) and bool((wq[mask] == 0).all()) and bool((wr[mask] == 0).all())
+        e_gptq, e_rtn = layer_error(wq, pruned, x), layer_error(wr, pruned, x)
+        assert e_gptq < 0.8 * e_rtn, (name, e_gptq, e_rtn)
