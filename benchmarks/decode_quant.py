@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 
 import torch
 
