@@ -3,9 +3,12 @@
     python benchmarks/finetune.py --threads 2 --steps 12 --batch-size 4 --test-examples 24 --bf16
 
 Each method runs in its own process (so peak RSS is its own): trainable parameters, peak RSS of the
-whole process (ru_maxrss: includes loading the fp32 model) and of the training phase (VmRSS sampled
-every 0.1 s from the first step on), median step time, and exact-match accuracy before/after on the
-task's test split (greedy). `peft-lora` runs HF peft LoRA over the transformers model with the same
+whole process (ru_maxrss: includes loading the model), peak RSS right after loading, and of the
+training phase (VmRSS sampled every 0.1 s from the first step on), median step time, and exact-match
+accuracy before/after on the task's test split (greedy). `qlora` loads with
+`leanlm.load(quantize=nf4_on_load(...))` (each target weight becomes NF4 as it is read; its accuracy
+before is the NF4 base's); `qlora-fullload` loads the fp32 model first and quantizes it after (the
+old path), for the memory comparison. `peft-lora` runs HF peft LoRA over the transformers model with the same
 rank, targets, data, batch, steps, optimizer and threads; its accuracy is measured by loading the
 adapter it wrote into leanlm (peft parity is tested in tests/test_peft.py). One JSON line per method
 is appended to --out as soon as it finishes.
@@ -40,6 +43,10 @@ class RssSampler:
             time.sleep(0.1)
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def child(args) -> dict:
     import gc
 
@@ -60,17 +67,26 @@ def child(args) -> dict:
         from leanlm.io.tokenizer import Tokenizer
 
         model, tok = None, Tokenizer.from_folder(converted_dir(default_gguf_path()))
+    elif method == "qlora":  # quantize-on-load: the fp32 model is never whole in memory
+        from leanlm.peft.qlora import nf4_on_load
+
+        model, tok = leanlm.load(quantize=nf4_on_load(TARGETS))
     else:
         model, tok = leanlm.load()
+    load_rss = peak_rss_mb()
     task = get_task("dates")
     data = [record_example(tok, r, "task") for r in task.records("train", args.steps * args.batch_size)]
     recs = task.records("test", args.test_examples)
-    out = {"method": method, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads}
+    out = {"method": method, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
+           "load_peak_rss_mb": round(load_rss)}
     if method == "base":  # the untuned model's accuracy, in its own process
         return {**out, "trainable_params": 0, "accuracy_before": accuracy(model, tok, task, recs)}
-    lr = args.lr or DEFAULT_LR.get(method.replace("peft-", ""), 2e-3)
+    lr = args.lr or DEFAULT_LR.get(method.replace("peft-", "").replace("-fullload", ""), 2e-3)
     if method == "peft-lora":
         return {**out, **peft_child(args, tok, data, recs, task, lr)}
+    if method == "qlora" and not args.skip_accuracy:  # the NF4 base differs from the fp32 one
+        out["accuracy_before"] = accuracy(model, tok, task, recs)
+    method = method.replace("-fullload", "")
     opts = {}
     if method in ("lora", "dora", "lora-fa", "qlora"):
         opts = dict(r=args.rank, alpha=2 * args.rank, target_modules=TARGETS)
@@ -141,7 +157,7 @@ def peft_child(args, tok, data, recs, task, lr) -> dict:
         losses.append(float(loss))
         print(f"  peft-lora step {step + 1} loss {losses[-1]:.4f} {times[-1]:.1f}s", file=sys.stderr, flush=True)
     sampler.stop = True
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     trainable = sum(p.numel() for p in params)
     with tempfile.TemporaryDirectory() as d:
         pm.save_pretrained(d)

@@ -163,11 +163,11 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
             del weight, bias
-            _trim_heap()
+            trim_heap()
         return {**where_sd, **{k: read(k) for k in list(where)}}
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hand freed memory back to the OS. glibc raises its mmap threshold after large frees, so the
     float weights read and dropped one by one end up in a fragmented heap that keeps growing (a
     quantizing load of the default model peaked at 909 MB without this, 510 MB with it)."""

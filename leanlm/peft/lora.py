@@ -57,13 +57,20 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, cfg: LoraConfig):
         super().__init__()
-        w = base_weight(base)
-        out_f, in_f = w.shape
+        if isinstance(base, nn.Linear):
+            (out_f, in_f), dt = base.weight.shape, base.weight.dtype
+        elif hasattr(base, "in_features") and hasattr(base, "out_features"):
+            # a quantized base: its shape without dequantizing it (a dense temporary per layer would
+            # cost time and fragment the heap while QLoRA wraps 210 layers)
+            out_f, in_f, dt = base.out_features, base.in_features, torch.float32
+        else:
+            w = base_weight(base)
+            (out_f, in_f), dt = w.shape, w.dtype
         self.base_layer = base
         self.in_features, self.out_features = in_f, out_f
         self.r, self.scaling, self.use_dora = cfg.r, cfg.scaling, cfg.use_dora
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        dt = w.dtype if w.dtype.is_floating_point else torch.float32
+        dt = dt if dt.is_floating_point else torch.float32
         self.lora_A = nn.Linear(in_f, cfg.r, bias=False, dtype=dt)
         self.lora_B = nn.Linear(cfg.r, out_f, bias=False, dtype=dt)
         if cfg.init == "gaussian":

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from leanlm.compress.quant.nf4 import NF4Config, NF4Linear
 from leanlm.errors import LeanLMError
+from leanlm.io.checkpoint import trim_heap
 from leanlm.peft.lora import LoraConfig, LoraLinear, freeze_base, matches, replace_module, target_names
 
 QLORA_NF4 = NF4Config(dtype="nf4", block_size=64, double_quant=True)
@@ -95,6 +96,8 @@ def apply_qlora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         del lin, w
     if quantized_here:
         _own_remaining(model)
+    else:
+        trim_heap()
     model.peft_config = cfg
     model.qlora = True
     return model
@@ -116,11 +119,7 @@ def _own_remaining(model: nn.Module) -> None:
             mod._parameters[name] = done[id(p)]
     del done
     gc.collect()
-    try:  # hand the freed float weights back to the OS (glibc keeps large freed heaps otherwise)
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()  # hand the freed float weights back to the OS
 
 
 def merge_error(model: nn.Module) -> float:
