@@ -64,17 +64,22 @@ def one(args) -> dict:
     if args.one != "dense":
         samples = calibration_samples(tok, args.calib_n, args.calib_len, seed=0)
         t0 = time.perf_counter()
-        info = apply_recipe(model, load_recipe(args.one), samples, progress=False)
+        apply_recipe(model, load_recipe(args.one), samples, progress=False)
         out["compress_s"] = time.perf_counter() - t0
-        del info
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["params"] = model.num_parameters()
     packed = any(type(m).__name__ == "QuantLinear" for m in model.modules())
     # packed quantized weights are buffers, not parameters: a parameter count would mislead there
     out["params_removed"] = None if packed else 1 - out["params"] / params0
     lin = [m.weight for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
-    if lin and not packed:
+    if packed:  # the weights as stored (packed codes dequantized): pruned zeros must still be exact zeros
+        lin = [m.dequantized_weight() for n, m in model.named_modules()
+               if n.startswith("model.layers.") and hasattr(m, "dequantized_weight")]
+    if lin:
+        from leanlm.compress.prune.masks import is_nm
+
         out["block_linear_sparsity"] = float(sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin))
+        out["all_2_4"] = all(w.shape[1] % 4 == 0 and is_nm(w, 2, 4) for w in lin)
     t0 = time.perf_counter()
     out["perplexity"] = perplexity(model, tok, tokens=ids, ctx=args.ctx, stride=args.ctx, progress=False)["perplexity"]
     out["eval_s"] = time.perf_counter() - t0
