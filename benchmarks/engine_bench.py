@@ -97,17 +97,24 @@ def bench_spec(model, tok, args) -> dict:
     }
     cfg = GenerationConfig(max_new_tokens=args.spec_tokens, ignore_eos=True, stop_token_ids=[])
     t = time.perf_counter()
-    draft4 = quantized_draft(model)  # Q4_1-like grid: asymmetric 4-bit, groups of 32
+    draft4 = quantized_draft(model)  # Q4_1-like grid: asymmetric 4-bit, groups of 32; int8 embedding/head
     qtime = time.perf_counter() - t
+    draft4_fp32_head = quantized_draft(model, head="fp32")
     methods = {
         "prompt lookup (k=4)": dict(prompt_lookup=True, num_draft=4),
         f"layer skip {default_skip_layers(model.config.num_layers)} (k=3)": dict(self_speculative=True,
                                                                                 num_draft=3),
-        "4-bit RTN draft (k=4)": dict(draft=draft4, num_draft=4),
-        "4-bit RTN draft (k=8)": dict(draft=draft4, num_draft=8),
+        "4-bit RTN draft, fp32 head (k=8)": dict(draft=draft4_fp32_head, num_draft=8),
+        "4-bit RTN draft, int8 head (k=4)": dict(draft=draft4, num_draft=4),
+        "4-bit RTN draft, int8 head (k=8)": dict(draft=draft4, num_draft=8),
+        "4-bit RTN draft, int8 head (k=12)": dict(draft=draft4, num_draft=12),
     }
 
+    @torch.inference_mode()
     def decode_ms(m, prompt, n=16):
+        from leanlm.infer.generate import fuse_for_inference
+
+        fuse_for_inference(m)
         cache = m.new_cache(1, len(prompt) + n + 1)
         m(torch.tensor([prompt]), cache=cache)
         t = time.perf_counter()
@@ -116,8 +123,10 @@ def bench_spec(model, tok, args) -> dict:
         return (time.perf_counter() - t) / n * 1000
     p0 = ids[8000:8000 + 160]
     out = {"new_tokens": args.spec_tokens, "draft_quantize_s": qtime, "tasks": {},
-           "target_decode_ms": decode_ms(model, p0), "draft4_decode_ms": decode_ms(draft4, p0)}
-    log(f"  decode ms/token: target {out['target_decode_ms']:.0f}, 4-bit draft {out['draft4_decode_ms']:.0f}")
+           "target_decode_ms": decode_ms(model, p0), "draft4_decode_ms": decode_ms(draft4, p0),
+           "draft4_fp32_head_decode_ms": decode_ms(draft4_fp32_head, p0)}
+    log(f"  decode ms/token: target {out['target_decode_ms']:.0f}, 4-bit draft {out['draft4_decode_ms']:.0f} "
+        f"(fp32 head {out['draft4_fp32_head_decode_ms']:.0f})")
     for tname, prompt in tasks.items():
         generate_speculative(model, prompt, cfg, prompt_lookup=True)  # warm-up (kernels, allocator)
         plain, runs = [], {m: [] for m in methods}

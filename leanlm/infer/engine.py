@@ -89,7 +89,10 @@ class Engine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 256, max_num_seqs: int = 32, prefix_caching: bool = True,
                  eos_ids: tuple[int, ...] = (), max_model_len: int | None = None):
+        from leanlm.infer.generate import fuse_for_inference
+
         cfg = model.config
+        fuse_for_inference(model)  # one matmul for q/k/v and for gate/up, as plain generation does
         self.model, self.cfg = model, cfg
         self.block_size = block_size
         self.max_model_len = max_model_len or cfg.max_position_embeddings
