@@ -37,6 +37,9 @@ CUSTOM = {  # rows that are not built-in recipe names
     "asym-rtn-w4-g32": "- method: rtn\n  bits: 4\n  group_size: 32\n  sym: false\n",
     "w4a16-gptq-g128+emb8": "- method: gptq\n  bits: 4\n  group_size: 128\n"
                             "- method: rtn\n  bits: 8\n  targets: ['embed_tokens']\n",
+    # diagnostics (not in ROWS): GPTQ without pinning the dense model's exact zeros (0.03% of its weights)
+    "w3a16-gptq-g64-nokeep": "- method: gptq\n  bits: 3\n  group_size: 64\n  keep_zeros: false\n",
+    "w3a16-gptq-g128-nokeep": "- method: gptq\n  bits: 3\n  group_size: 128\n  keep_zeros: false\n",
 }
 
 
