@@ -231,3 +231,15 @@ def test_qlora_trains_after_generation_in_inference_mode():
     m = apply_qlora(m, LoraConfig(r=4, alpha=8))
     res = train(m, data(), TrainConfig(max_steps=4, batch_size=8, lr=1e-2, progress=False))
     assert len(res.losses) == 4 and res.losses[-1] < res.losses[0]
+
+
+def test_quantize_on_load_reports_a_truncated_file(tmp_path):
+    import leanlm
+    from leanlm.errors import LeanLMError
+    from leanlm.peft.qlora import nf4_on_load
+
+    leanlm.save(tiny(), _word_tokenizer(), tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4096])
+    with pytest.raises(LeanLMError, match="model.safetensors: cannot read safetensors"):
+        leanlm.load(str(tmp_path / "m"), quantize=nf4_on_load(["q_proj"]))

@@ -159,3 +159,39 @@ def test_trains_after_generation_in_inference_mode():
     m = apply(m, "lora", r=4, alpha=8)
     res = train(m, dataset(), TrainConfig(max_steps=3, batch_size=8, lr=1e-2, progress=False))
     assert len(res.losses) == 3 and (m.lm_head.weight is m.model.embed_tokens.weight) == tied
+
+
+def test_mezo_step_matches_the_papers_four_pass_update():
+    """MeZO restores and updates in one pass over z; the result equals the paper's algorithm written
+    out (perturb +eps, -2eps, +eps, then step along z), with weight decay."""
+    from leanlm.train.optim import MeZO
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
+    ref = [p.detach().clone() for p in params]
+    x = torch.randn(7)
+
+    def loss_of(ps):
+        return float((ps[0] @ x).pow(2).sum() + ps[1].sum())
+
+    lr, eps, wd, seed = 1e-2, 1e-3, 0.1, 1234
+    opt = MeZO(params, lr=lr, eps=eps, weight_decay=wd)
+    got = opt.step(lambda: loss_of(params), seed)
+
+    def perturb(scale):
+        g = torch.Generator().manual_seed(seed)
+        for p in ref:
+            p.add_(torch.randn(p.shape, generator=g), alpha=scale)
+
+    perturb(eps)
+    lp = loss_of(ref)
+    perturb(-2 * eps)
+    lm = loss_of(ref)
+    perturb(eps)
+    g = torch.Generator().manual_seed(seed)
+    for p in ref:
+        z = torch.randn(p.shape, generator=g)
+        p.mul_(1 - lr * wd).add_(z, alpha=-lr * (lp - lm) / (2 * eps))
+    assert got == (lp + lm) / 2
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=0, atol=1e-6)

@@ -147,7 +147,7 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise _unreadable(path, e)
 
-        where_sd: dict[str, torch.Tensor] = {}
+        kept: dict[str, torch.Tensor] = {}
         for name in linears:
             wkey, bkey = f"{name}.weight", f"{name}.bias"
             if wkey not in where:
@@ -156,15 +156,15 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
             bias = read(bkey) if bkey in where else None
             new = quantize(name, weight, bias) if weight.is_floating_point() and weight.dim() == 2 else None
             if new is None:  # kept as it is: back to the tensors materialize assigns
-                where_sd[wkey] = weight
+                kept[wkey] = weight
                 if bias is not None:
-                    where_sd[bkey] = bias
+                    kept[bkey] = bias
                 continue
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
             del weight, bias
             trim_heap()
-        return {**where_sd, **{k: read(k) for k in list(where)}}
+        return {**kept, **{k: read(k) for k in list(where)}}
 
 
 def trim_heap() -> None:

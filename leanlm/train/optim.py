@@ -77,11 +77,13 @@ class MeZO:
         lp = float(loss_fn())
         self._perturb(seed, -2 * eps)
         lm = float(loss_fn())
-        self._perturb(seed, eps)
         proj = (lp - lm) / (2 * eps)
+        # restore (+eps z) and update (-lr proj z) in one pass over z: drawing z is most of a step's
+        # non-forward time (134M normal draws per pass on the default model); same ops, same order
         g = torch.Generator().manual_seed(seed)
         for p in self.params:
             z = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            p.data.add_(z, alpha=eps)
             if wd:
                 p.data.mul_(1 - lr * wd)
             p.data.add_(z, alpha=-lr * proj)
