@@ -53,7 +53,8 @@ def recipe_yaml(job: str, damp: float, act_order: bool) -> str:
 
 
 def key(tool: str, job: str, args) -> str:
-    return f"{tool}|{job}|n{args.samples}x{args.seq_len}|damp{args.damp}|ao{int(args.act_order)}"
+    k = f"{tool}|{job}|n{args.samples}x{args.seq_len}|damp{args.damp}|ao{int(args.act_order)}"
+    return k + (f"|calib-{args.calib_name}" if args.calib_text else "")
 
 
 # ---------------------------------------------------------------- child processes (main environment)
@@ -93,6 +94,8 @@ def evaluate(args) -> dict:
     model, tok = leanlm.load(path, dtype=torch.float32)
     out = {}
     for name, chars in (("eval", args.eval_chars), ("tech", args.tech_chars)):
+        if chars < 0:
+            continue
         text = packaged_text(name)
         text = text[:chars] if chars else text
         r = perplexity(model, tok, text, ctx=args.ctx, stride=args.ctx, progress=False)
@@ -123,12 +126,13 @@ def prepare_inputs(args, work: Path) -> tuple[Path, Path]:
     import leanlm
     from leanlm.data import calibration_samples, packaged_text
 
-    calib = work / f"calib-{args.samples}x{args.seq_len}.safetensors"
+    tag = f"-{args.calib_name}" if args.calib_text else ""
+    calib = work / f"calib-{args.samples}x{args.seq_len}{tag}.safetensors"
     check = work / "check.safetensors"
     if not calib.exists() or not check.exists():
         _, tok = leanlm.load(None)
-        save_file({"input_ids": calibration_samples(tok, args.samples, args.seq_len, seed=0).contiguous()},
-                  str(calib))
+        ids = calibration_samples(tok, args.samples, args.seq_len, path=args.calib_text, seed=0)
+        save_file({"input_ids": ids.contiguous()}, str(calib))
         ids = torch.tensor(list(tok.encode(packaged_text("tech"), add_special=False))[:512]).unsqueeze(0)
         save_file({"ids": ids.contiguous()}, str(check))
     return calib, check
@@ -178,7 +182,8 @@ def drive(args) -> None:
                                 "--check", str(check), "--out", str(outdir), *common], env, log)
                 folder = None if "error" in row else str(outdir)
             row.update(key=k, samples=f"{args.samples}x{args.seq_len}", damp=args.damp, act_order=args.act_order,
-                       threads=args.threads, load_avg_1min=load)
+                       calib=args.calib_name if args.calib_text else "packaged calib", threads=args.threads,
+                       load_avg_1min=load)
             if folder is not None:
                 row.update(run_json(ev + ["--eval-dir", folder], env, log))
             if outdir.exists():
@@ -196,6 +201,10 @@ def drive(args) -> None:
     print(table)
 
 
+def ppl(row: dict, text: str) -> str:
+    return f"{row['ppl_' + text]:.2f}" if "ppl_" + text in row else "-"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| job | tool | calib | damp | act-order | ppl Austen | ppl tech | time s | peak RSS MB "
              "| check NLL (tool's own / leanlm eval) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -206,9 +215,10 @@ def markdown(rows: list[dict]) -> str:
         gptq = r["job"].startswith("gptq")
         own = f"{r['check_nll']:.4f} / " if "check_nll" in r else ""
         lines.append(
-            f"| {r['job']} | {r['tool']} | {r.get('samples', '-') if r['tool'] != 'fp32' else '-'} | "
+            f"| {r['job']} | {r['tool']} | {r.get('samples', '-')}"
+            f"{'' if r.get('calib', 'packaged calib') == 'packaged calib' else ' of ' + r['calib']} | "
             f"{r.get('damp', '') if gptq or 'sparsegpt' in r['job'] else ''} | "
-            f"{('on' if r.get('act_order') else 'off') if gptq else ''} | {r['ppl_eval']:.2f} | {r['ppl_tech']:.2f} | "
+            f"{('on' if r.get('act_order') else 'off') if gptq else ''} | {ppl(r, 'eval')} | {ppl(r, 'tech')} | "
             f"{r['time_s']:.0f} | {r['peak_rss_mb']:.0f} | {own}{r['check_nll_leanlm_eval']:.4f} |"
             if r["tool"] != "fp32" else
             f"| fp32 | - | - | | | {r['ppl_eval']:.2f} | {r['ppl_tech']:.2f} | | | {r['check_nll_leanlm_eval']:.4f} |")
@@ -224,8 +234,11 @@ def main():
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ / SparseGPT dampening (both tools)")
     p.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ without act-order")
-    p.add_argument("--eval-chars", type=int, default=16000, help="characters of the Austen text (0: all)")
-    p.add_argument("--tech-chars", type=int, default=40000, help="characters of the technical text (0: all)")
+    p.add_argument("--calib-text", default=None,
+                   help="calibration .txt instead of the packaged calibration text (e.g. an in-domain text)")
+    p.add_argument("--calib-name", default="user", help="label of --calib-text in the rows")
+    p.add_argument("--eval-chars", type=int, default=16000, help="characters of the Austen text (0: all, -1: skip)")
+    p.add_argument("--tech-chars", type=int, default=40000, help="characters of the technical text (0: all, -1: skip)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--out", default="docs/bench/peers.jsonl")
     p.add_argument("--md", default=None, help="also write the markdown table here")
