@@ -243,3 +243,12 @@ def test_quantize_on_load_reports_a_truncated_file(tmp_path):
     f.write_bytes(f.read_bytes()[:-4096])
     with pytest.raises(LeanLMError, match="model.safetensors: cannot read safetensors"):
         leanlm.load(str(tmp_path / "m"), quantize=nf4_on_load(["q_proj"]))
+
+
+def test_loftq_needs_the_float_weights():
+    from leanlm.errors import LeanLMError
+
+    m = tiny()
+    quantize_nf4(m, LoraConfig().target_modules)
+    with pytest.raises(LeanLMError, match="LoftQ needs the float weights"):
+        apply_qlora(m, LoraConfig(init="loftq"))
