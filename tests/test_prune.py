@@ -4,8 +4,7 @@ import torch
 import torch.nn as nn
 
 from leanlm.compress.prune.masks import is_nm, parse_pattern, sparsity_of
-from leanlm.compress.prune.methods import SOLVERS, PruneConfig, layer_error, sparsegpt_init, \
-    sparsegpt_accumulate, sparsegpt_solve, wanda_init, wanda_accumulate, wanda_solve
+from leanlm.compress.prune.methods import SOLVERS, PruneConfig, layer_error
 from leanlm.errors import LeanLMError
 
 
