@@ -87,6 +87,21 @@ def test_dense_weights_without_zeros_quantize_as_before():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
+def test_accidental_zeros_of_a_dense_layer_are_not_a_mask():
+    # a dense layer with a few exact zeros (the default model has 0.03%) quantizes as if it had none
+    lin, x = _layer_and_inputs(seed=5)
+    w = lin.weight.detach().clone()
+    w.view(-1)[::500] = 0  # 0.2% zeros
+    st = _hessian(lin, x)
+    a = gptq_quantize(w, st.H, 4, 48, False, keep_zeros=True)
+    b = gptq_quantize(w, st.H, 4, 48, False, keep_zeros=False)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    w.view(-1)[::20] = 0  # 5%: a mask, kept
+    codes, s, o = gptq_quantize(w, st.H, 4, 48, False, keep_zeros=True)
+    deq = dequantize(codes, s, o, 48)
+    assert bool((deq[w == 0] == 0).all())
+
+
 def test_zero_point_grid_is_exact_in_fp16():
     g = torch.Generator().manual_seed(0)
     for bits in (2, 3, 4, 8):

@@ -19,7 +19,7 @@ import torch
 
 from leanlm.compress.calibrate import BlockContext
 from leanlm.compress.quant.gptq import RTNConfig
-from leanlm.compress.quant.grid import dequantize, rtn_quantize
+from leanlm.compress.quant.grid import dequantize, pruned_mask, rtn_quantize
 from leanlm.compress.quant.int8 import fold_scales, smoothing_groups
 from leanlm.compress.quant.qlinear import QuantLinear
 
@@ -39,7 +39,7 @@ class AWQConfig(RTNConfig):
 
 def fake_quant(w: torch.Tensor, cfg: RTNConfig) -> torch.Tensor:
     g = cfg.group_size if cfg.group_size > 0 else w.shape[1]
-    codes, s, o = rtn_quantize(w, cfg.bits, g, cfg.sym, (w == 0) if cfg.keep_zeros else None)
+    codes, s, o = rtn_quantize(w, cfg.bits, g, cfg.sym, pruned_mask(w, cfg.keep_zeros))
     return dequantize(codes, s, o, g)
 
 
@@ -108,5 +108,5 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig):
     for n in ctx.modules:
         lin = ctx.layer(n)
         w = clip_weight(lin.weight, X[n], cfg) if cfg.clip else lin.weight
-        codes, sc, off = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, (w == 0) if cfg.keep_zeros else None)
+        codes, sc, off = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, pruned_mask(w, cfg.keep_zeros))
         ctx.replace(n, QuantLinear.from_codes(codes, sc, off, cfg.bits, cfg.group_size, cfg.sym, bias=lin.bias))

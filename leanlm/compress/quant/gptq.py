@@ -9,7 +9,8 @@ weights of its contiguous columns, so the stored layout is plain (no g_idx permu
 inference, the same fast kernel). Without act-order a group's scale is computed from the
 already-updated weights when the solver reaches its first column, like the reference.
 
-Masks of earlier pruning steps are kept (`keep_zeros`, default on): weights that are exactly zero
+Masks of earlier pruning steps are kept (`keep_zeros`, default on; a layer whose weights are at least
+1% exact zeros counts as pruned, see grid.pruned_mask): weights that are exactly zero
 stay exactly zero. They get the grid's zero code (0 is exact on the symmetric grid; an asymmetric
 group holding one gets an integer zero point, grid.grid_params), and as in SparseGPT a pruned
 weight's accumulated update is removed when the solver reaches its column, its error compensated in
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from leanlm.compress.quant.grid import grid_params, quantize_codes, rtn_quantize
+from leanlm.compress.quant.grid import grid_params, pruned_mask, quantize_codes, rtn_quantize
 from leanlm.compress.quant.qlinear import QuantLinear
 
 
@@ -60,7 +61,7 @@ def rtn_solve(state, layer: nn.Linear, cfg: RTNConfig) -> nn.Module:
 
         return QuantEmbedding.from_embedding(layer)  # bits == 8, checked when the recipe is resolved
     w = layer.weight.detach()
-    codes, s, o = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, (w == 0) if cfg.keep_zeros else None)
+    codes, s, o = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, pruned_mask(w, cfg.keep_zeros))
     return QuantLinear.from_codes(codes, s, o, cfg.bits, cfg.group_size, cfg.sym, bias=layer.bias)
 
 
@@ -92,7 +93,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     """
     W = W.detach().float().clone()
     N, K = W.shape
-    pruned = (W == 0) if keep_zeros else torch.zeros(N, K, dtype=torch.bool)
+    pruned = pruned_mask(W, keep_zeros)
+    if pruned is None:
+        pruned = torch.zeros(N, K, dtype=torch.bool)
     masked = bool(pruned.any())
     g = group_size if 0 < group_size < K else K
     G = -(-K // g)

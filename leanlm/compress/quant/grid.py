@@ -174,3 +174,18 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     mask = 2 ** bits - 1
     c = torch.stack([(acc >> (bits * i)) & mask for i in range(per)], -1)
     return c.reshape(N, -1)[:, :in_features].to(torch.uint8)
+
+
+MASK_MIN_FRACTION = 0.01
+
+
+def pruned_mask(w: torch.Tensor, keep_zeros: bool) -> torch.Tensor | None:
+    """The exact zeros of w as a pruning mask to keep, or None.
+
+    A layer counts as pruned when at least 1% of its weights are exactly zero. Dense weights hold a
+    few zeros by accident (0.03% on the default model, whose weights sit on a Q4_1 grid); pinning
+    those would only constrain the solver and move results for no reason."""
+    if not keep_zeros:
+        return None
+    m = w == 0
+    return m if m.float().mean().item() >= MASK_MIN_FRACTION else None
