@@ -97,9 +97,9 @@ def bench_spec(model, tok, args) -> dict:
     }
     cfg = GenerationConfig(max_new_tokens=args.spec_tokens, ignore_eos=True, stop_token_ids=[])
     t = time.perf_counter()
-    draft4 = quantized_draft(model)  # Q4_1-like grid: asymmetric 4-bit, groups of 32; int8 embedding/head
+    draft4 = quantized_draft(model, head="int8")  # Q4_1-like grid: asymmetric 4-bit, groups of 32; int8 head
     qtime = time.perf_counter() - t
-    draft4_fp32_head = quantized_draft(model, head="fp32")
+    draft4_fp32_head = quantized_draft(model)  # the default: fp32 head
     methods = {
         "prompt lookup (k=4)": dict(prompt_lookup=True, num_draft=4),
         f"layer skip {default_skip_layers(model.config.num_layers)} (k=3)": dict(self_speculative=True,

@@ -181,7 +181,10 @@ def cmd_eval(args) -> int:
 
     if args.ctx < 2 or args.stride < 1 or args.stride > args.ctx:
         raise LeanLMError("need --ctx >= 2 and 1 <= --stride <= --ctx")
-    text = read_text(args.text) if args.text else packaged_text("eval")
+    if args.text and args.text.startswith("packaged:"):
+        text = packaged_text(args.text.split(":", 1)[1])
+    else:
+        text = read_text(args.text) if args.text else packaged_text("eval")
     if args.max_chars:
         text = text[: args.max_chars]
     model, tok = load_model(args)
@@ -253,7 +256,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity over a text (default: the packaged evaluation text)")
     add_model_args(p)
-    p.add_argument("--text", default=None, help=".txt or .jsonl file")
+    p.add_argument("--text", default=None, help=".txt or .jsonl file, or packaged:eval (default), "
+                   "packaged:tech (held-out technical text)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--max-chars", type=int, default=None, help="evaluate only the first N characters")

@@ -41,6 +41,21 @@ def test_eval_json_matches_api(gguf_path, capsys, tmp_path, monkeypatch):
     assert d["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-6)
 
 
+def test_eval_packaged_tech_text(gguf_path, capsys, tmp_path, monkeypatch):
+    from leanlm.data import packaged_text
+
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    args = ["eval", str(gguf_path), "--ctx", "64", "--stride", "64", "--max-chars", "2000", "--json"]
+    assert main(args + ["--text", "packaged:tech"]) == 0
+    d = _json(capsys)
+    m, tok = leanlm.load(gguf_path)
+    ref = leanlm.perplexity(m, tok, packaged_text("tech")[:2000], ctx=64, stride=64, progress=False)
+    assert d["tokens"] == ref["tokens"] and d["text"] == "packaged:tech"
+    assert d["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    assert main(args + ["--text", "packaged:nope"]) == 2
+    assert "no packaged text 'nope'" in capsys.readouterr().err
+
+
 def test_eval_rejects_bad_stride(gguf_path, capsys):
     assert main(["eval", str(gguf_path), "--ctx", "64", "--stride", "100"]) == 2
     assert "stride" in capsys.readouterr().err

@@ -91,3 +91,28 @@ def test_data_free_recipe_needs_no_samples():
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
     with pytest.raises(LeanLMError, match="calibration samples"):
         apply_recipe(tiny_model(), load_recipe("w4a16-gptq-g32"), None, progress=False)
+
+
+def test_e8_suffix_adds_an_int8_embedding_and_tied_head():
+    from conftest import tiny_hf, to_leanlm
+    from leanlm.compress.quant.embedding import QuantEmbedding, TiedInt8Head
+
+    r = load_recipe("w4a16-rtn-g32-e8")
+    assert [(s.method, s.fields["bits"]) for s in r.steps] == [("rtn", 4), ("rtn", 8)]
+    hf = tiny_hf("llama", tie_word_embeddings=True)
+    model, w4_only = to_leanlm(hf), to_leanlm(hf)
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    apply_recipe(model, r, progress=False)
+    apply_recipe(w4_only, load_recipe("w4a16-rtn-g32"), progress=False)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, TiedInt8Head)
+    with torch.no_grad():
+        out, ref = model(ids), w4_only(ids)
+        QuantEmbedding.fast = False  # the head's reference path: fp32 matmul with the dequantized table
+        try:
+            plain = model(ids)
+        finally:
+            QuantEmbedding.fast = True
+    assert ((out - plain).norm() / plain.norm()) < 1e-2  # int8 kernel (bf16 activations) vs fp32 reference
+    # the int8 table changes the 4-bit model's logits only by int8 rounding of the embedding rows
+    assert ((plain - ref).norm() / ref.norm()) < 5e-2  # (2.4% on this random model)
+    assert not torch.equal(plain, ref)

@@ -36,7 +36,8 @@ from leanlm.errors import LeanLMError
 
 DEFAULT_TARGETS = [r"^model\.layers\.\d+\."]
 RECIPE_DIR = Path(__file__).parent / "recipes"
-PATTERN = re.compile(r"^w(\d)a16-([a-z0-9]+)-g(\d+)$")
+PATTERN = re.compile(r"^w(\d)a16-([a-z0-9]+)-g(\d+)(-e8)?$")
+EMBED8_TARGETS = [r"^model\.embed_tokens$"]
 RESERVED = ("method", "targets", "ignore")
 
 
@@ -84,17 +85,22 @@ def _pattern_recipe(name: str) -> Recipe | None:
     if not m:
         return None
     bits, method, g = int(m.group(1)), m.group(2), int(m.group(3))
-    step = RawStep(method, {"bits": bits, "group_size": g}, list(DEFAULT_TARGETS), [], 1)
-    return Recipe(f"recipe name {name!r}", [step])
+    steps = [RawStep(method, {"bits": bits, "group_size": g}, list(DEFAULT_TARGETS), [], 1)]
+    if m.group(4):  # -e8: the embedding as int8 rows; a tied output head then runs from them (int8 kernel)
+        steps.append(RawStep("rtn", {"bits": 8, "group_size": 0}, list(EMBED8_TARGETS), [], 1))
+    return Recipe(f"recipe name {name!r}", steps)
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """A built-in name, a `w{bits}a16-{method}-g{size}` name, or a YAML file path."""
+    """A built-in name, a `w{bits}a16-{method}-g{size}[-e8]` name, or a YAML file path.
+
+    `-e8` adds a step that stores the embedding as int8 rows (one scale each, like GGUF's Q8_0
+    embedding); with tied embeddings the output head then runs from that table with the int8 kernel."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
             raise LeanLMError(f"{p}: no such recipe file; pass an existing YAML file or a built-in name "
-                              f"({', '.join(builtin_names())}, or w{{bits}}a16-{{method}}-g{{size}})")
+                              f"({', '.join(builtin_names())}, or w{{bits}}a16-{{method}}-g{{size}}[-e8])")
         return parse_recipe(p.read_text(), str(p))
     builtin = RECIPE_DIR / f"{name_or_path}.yaml"
     if builtin.exists():
@@ -103,7 +109,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     if r is not None:
         return r
     raise LeanLMError(f"unknown recipe {name_or_path!r}: not a file, not a built-in "
-                      f"({', '.join(builtin_names())}), and not of the form w{{bits}}a16-{{method}}-g{{size}}")
+                      f"({', '.join(builtin_names())}), and not of the form w{{bits}}a16-{{method}}-g{{size}}[-e8]")
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
