@@ -28,7 +28,8 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
         p.add_argument("--adapter", default=None, help="PEFT adapter folder to apply")
 
 
-def load_model(args):
+def load_model(args, quantize=None):
+    """The model and tokenizer named by args (threads set first); quantize: see leanlm.load."""
     import torch
 
     import leanlm
@@ -36,7 +37,7 @@ def load_model(args):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return leanlm.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None),
-                       progress=sys.stderr.isatty())
+                       progress=sys.stderr.isatty(), quantize=quantize)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -84,17 +84,9 @@ def load_for(args):
 
     if args.method != "qlora":
         return load_model(args)
-    import sys
-
-    import torch
-
-    import leanlm
     from leanlm.peft.qlora import nf4_on_load
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    return leanlm.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty(),
-                       quantize=nf4_on_load(targets_arg(args.targets)))
+    return load_model(args, quantize=nf4_on_load(targets_arg(args.targets)))
 
 
 def prepare(model, tokenizer, method: str, options: dict):
