@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
-import threading
 import time
 
 import torch
@@ -72,7 +70,6 @@ def main(argv=None) -> int:
     ap.add_argument("--stream", action="store_true", help="SSE streaming requests (also measures TTFT)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import uvicorn
 
     import leanlm
     from leanlm.data import packaged_text
@@ -94,16 +91,9 @@ def main(argv=None) -> int:
     for n in conc:
         sargs.max_num_seqs = n
         app, aeng = cli.make_server(model, tok, sargs)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        th = threading.Thread(target=server.run, daemon=True)
-        th.start()
-        while not server.started:
-            time.sleep(0.05)
+        server, th, url = cli.serve_in_thread(app)
         name = app.state.server.model_name
-        res["http"][n] = asyncio.run(run_clients(f"http://127.0.0.1:{port}", name, prompts, n, args.new_tokens,
+        res["http"][n] = asyncio.run(run_clients(url, name, prompts, n, args.new_tokens,
                                                  args.stream))
         server.should_exit = True
         th.join()

@@ -1,7 +1,5 @@
 """The OpenAI-compatible server against the official `openai` client, on 127.0.0.1, tiny random model."""
 import json
-import socket
-import threading
 import time
 
 import pytest
@@ -61,6 +59,7 @@ def greedy(model, ids, n, eos=1):
 @pytest.fixture(scope="module")
 def server():
     from leanlm.serve.app import build_app
+    from leanlm.serve.cli import serve_in_thread
     from leanlm.serve.engine_loop import AsyncEngine
 
     model, tok = tiny_model(), tiny_tokenizer()
@@ -68,17 +67,7 @@ def server():
                  eos_ids=tuple(tok.eos_ids))
     aeng = AsyncEngine(eng)
     app = build_app(aeng, tok, NAME, api_key="sekrit")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    srv, th, url = serve_in_thread(app)
     yield dict(url=url, model=model, tok=tok, eng=eng, aeng=aeng, srv=app.state.server,
                client=openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0))
     srv.should_exit = True

@@ -72,6 +72,29 @@ def serve(app, aengine, host: str, port: int, log_level: str = "info"):
     return server
 
 
+def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 10.0):
+    """Run uvicorn on a free local port in a daemon thread (tests, benchmarks) -> (server, thread, url).
+    Stop it with `server.should_exit = True; thread.join()`."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"the server on {host}:{port} did not start within {timeout:.0f} s")
+        time.sleep(0.05)
+    return server, thread, f"http://{host}:{port}"
+
+
 def run(args) -> int:
     try:
         import fastapi  # noqa: F401
