@@ -128,9 +128,9 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
         except TypeError:  # safetensors without the pread backend
             return stack.enter_context(safe_open(str(path), framework="pt"))
 
-    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip]
-    if model.config.tie_word_embeddings:
-        linears = [n for n in linears if n != "lm_head"]
+    from leanlm.compress.calibrate import set_module
+
+    linears = [n for n in _float_linears(model) if n not in skip]
     with ExitStack() as stack:
         where: dict[str, tuple] = {}
         for path in _safetensors_files(folder):
@@ -160,8 +160,7 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
                 if bias is not None:
                     kept[bkey] = bias
                 continue
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            set_module(model, name, new)
             del weight, bias
             trim_heap()
         return {**kept, **{k: read(k) for k in list(where)}}
@@ -201,16 +200,22 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None, quantiz
 
 def quantize_linears(model: Transformer, quantize) -> Transformer:
     """The same hook applied to a model already in memory (a GGUF dequantized without the cache)."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    if model.config.tie_word_embeddings:
-        names = [n for n in names if n != "lm_head"]
-    for name in names:
+    from leanlm.compress.calibrate import set_module
+
+    for name in _float_linears(model):
         lin = model.get_submodule(name)
         new = quantize(name, lin.weight.data, None if lin.bias is None else lin.bias.data)
         if new is not None:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            set_module(model, name, new)
     return model
+
+
+def _float_linears(model: Transformer) -> list[str]:
+    """Names of the plain nn.Linear layers a quantize hook sees (a tied lm_head is the embedding's)."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    if model.config.tie_word_embeddings:
+        names = [n for n in names if n != "lm_head"]
+    return names
 
 
 def save_hf_folder(model: Transformer, tokenizer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
