@@ -13,8 +13,7 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.model.config import ModelConfig
-
-SUPPORTED_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+from leanlm.model.families import family_for_gguf, gguf_archs
 
 _NAME_MAP = {
     "attn_norm": "input_layernorm",
@@ -74,8 +73,8 @@ def read_fields(reader) -> dict:
 
 def config_from_fields(f: dict, tensor_names: set[str], source: str) -> ModelConfig:
     arch = f.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise LeanLMError(f"{source}: unsupported architecture {arch!r}; leanlm runs {', '.join(SUPPORTED_ARCHS)}")
+    if arch not in gguf_archs():
+        raise LeanLMError(f"{source}: unsupported architecture {arch!r}; leanlm reads GGUF {', '.join(gguf_archs())}")
 
     def g(key, default=None, required=False):
         k = f"{arch}.{key}"
@@ -97,9 +96,7 @@ def config_from_fields(f: dict, tensor_names: set[str], source: str) -> ModelCon
         if stype == "yarn":
             rope["original_max_position_embeddings"] = int(g("rope.scaling.original_context_length"))
     window = g("attention.sliding_window")
-    model_type = SUPPORTED_ARCHS[arch]
-    if model_type == "llama" and window:
-        model_type = "mistral"
+    model_type = family_for_gguf(arch, sliding=bool(window), source=source).model_type
     eos = f.get("tokenizer.ggml.eos_token_id")
     eot = f.get("tokenizer.ggml.eot_token_id")
     return ModelConfig(

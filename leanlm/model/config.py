@@ -12,13 +12,6 @@ from pathlib import Path
 
 from leanlm.errors import LeanLMError
 
-# model_type -> defaults that differ from plain Llama
-FAMILIES: dict[str, dict] = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {"attention_bias": True, "attention_out_bias": False},
-    "qwen3": {"qk_norm": True},
-}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -43,6 +36,13 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
     hidden_act: str = "silu"
     model_type: str = "llama"
+    # mixture of experts (0 experts: dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # each expert's width (None: intermediate_size)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    norm_topk_prob: bool = True  # renormalize the top-k router weights to sum to 1 (Mixtral, Qwen3-MoE)
+    moe_layers: list[int] | None = None  # which blocks are MoE (None: all when num_experts > 0)
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -76,6 +76,11 @@ class ModelConfig:
     def intermediate(self, layer: int) -> int:
         return self.layer_intermediate_size[layer] if self.layer_intermediate_size else self.intermediate_size
 
+    def is_moe_layer(self, layer: int) -> bool:
+        if not self.num_experts:
+            return False
+        return self.moe_layers is None or layer in self.moe_layers
+
     @property
     def uniform(self) -> bool:
         """True when every layer has the same shapes (so a transformers config can describe it)."""
@@ -93,11 +98,10 @@ class ModelConfig:
     # ---- transformers config.json ----
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        from leanlm.model.families import family
+
         mt = d.get("model_type")
-        if mt not in FAMILIES:
-            raise LeanLMError(
-                f"{source}: unsupported architecture model_type={mt!r}; leanlm runs {', '.join(FAMILIES)}"
-            )
+        fam = family(mt, source)
         try:
             rope = dict(d.get("rope_scaling") or {})
             params = d.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
@@ -106,12 +110,10 @@ class ModelConfig:
                 rope = {k: v for k, v in params.items() if k != "rope_theta"}
             if rope.get("rope_type", rope.get("type")) in (None, "default"):
                 rope = None
-            fam = FAMILIES[mt]
-            # Qwen2 always has q/k/v bias (transformers hard-codes it); others follow attention_bias.
-            bias = True if mt == "qwen2" else bool(d.get("attention_bias", False))
-            out_bias = bias if mt in ("llama", "mistral", "qwen3") else fam.get("attention_out_bias", False)
+            bias = bool(d.get("attention_bias", False))
+            out_bias = bias if fam.out_bias_follows_qkv else False
             sliding = d.get("sliding_window")
-            if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+            if fam.sliding_flag and not d.get(fam.sliding_flag, False):
                 sliding = None
             eos = d.get("eos_token_id")
             cfg = cls(
@@ -130,7 +132,6 @@ class ModelConfig:
                 attention_bias=bias,
                 attention_out_bias=out_bias,
                 mlp_bias=bool(d.get("mlp_bias", False)),
-                qk_norm=fam.get("qk_norm", False),
                 sliding_window=sliding,
                 hidden_act=d.get("hidden_act", "silu"),
                 model_type=mt,
@@ -141,6 +142,8 @@ class ModelConfig:
                 layer_num_kv_heads=d.get("leanlm_layer_num_kv_heads"),
                 layer_intermediate_size=d.get("leanlm_layer_intermediate_size"),
             )
+            for k, v in fam.fixed.items():  # what the family always has (transformers hard-codes it)
+                setattr(cfg, k, v)
         except KeyError as e:
             raise LeanLMError(f"{source}: missing required field {e.args[0]!r}; is this a transformers config.json?")
         except (TypeError, ValueError) as e:
@@ -150,8 +153,10 @@ class ModelConfig:
         return cfg
 
     def to_hf(self, dtype: str = "float32") -> dict:
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        from leanlm.model.families import family
+
+        fam = family(self.model_type)
+        arch = fam.hf_arch
         eos = self.eos_token_id[0] if len(self.eos_token_id) == 1 else (self.eos_token_id or None)
         d = {
             "architectures": [arch],
@@ -176,13 +181,11 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": dtype,
         }
-        if self.model_type == "mistral":
-            d["sliding_window"] = self.sliding_window
-        if self.model_type in ("qwen2", "qwen3"):
-            d["use_sliding_window"] = self.sliding_window is not None
-            d["sliding_window"] = self.sliding_window
-        if self.model_type == "llama" and self.attention_bias != self.attention_out_bias:
-            raise LeanLMError("llama config cannot express q/k/v bias without o_proj bias")
+        d["sliding_window"] = self.sliding_window
+        if fam.sliding_flag:
+            d[fam.sliding_flag] = self.sliding_window is not None
+        if fam.out_bias_follows_qkv and self.attention_bias != self.attention_out_bias:
+            raise LeanLMError(f"{self.model_type} config cannot express q/k/v bias without o_proj bias")
         if not self.uniform:
             d["leanlm_layer_num_heads"] = self.layer_num_heads
             d["leanlm_layer_num_kv_heads"] = self.layer_num_kv_heads

@@ -1,0 +1,145 @@
+"""What a model family looks like, declared once: every other room asks this file.
+
+A `Layout` names the modules of a decoder block by role (the q/k/v/o projections, the MLP's gate/up/
+down, the norms, a MoE router and its experts), says which norm feeds which linears (AWQ and
+SmoothQuant fold scales into that norm), groups the linears (attention in/out, MLP in/out, router),
+and gives the block prefix and the "all linear" set. Compression, PEFT, pruning, KV policies and
+speculative decoding ask the layout for names; they never spell `q_proj` themselves.
+
+Names here are leanlm's module names (they follow transformers' Llama names, so most Hugging Face
+checkpoints load with an identity key map); how a family's checkpoint keys differ (fused q/k/v,
+Mixtral's `block_sparse_moe.experts.N.w1`) is its key map in leanlm/model/families.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+BLOCKS = "model.layers"  # the ModuleList of decoder blocks
+EMBED = "model.embed_tokens"
+FINAL_NORM = "model.norm"
+HEAD = "lm_head"
+
+_BLOCK_RE = re.compile(rf"^{re.escape(BLOCKS)}\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Module names inside one decoder block, by role, relative to the block."""
+    attn: str = "self_attn"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    q_norm: str = "self_attn.q_norm"  # present only when the config has qk_norm
+    k_norm: str = "self_attn.k_norm"
+    mlp: str = "mlp"
+    # inside one MLP (the dense MLP, each expert, the shared expert): its three linears
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    attn_norm: str = "input_layernorm"  # feeds q/k/v
+    mlp_norm: str = "post_attention_layernorm"  # feeds the MLP (or the router and the experts)
+    attn_post_norm: str | None = None  # normalizes the attention output before the residual add (Gemma)
+    mlp_post_norm: str | None = None  # normalizes the MLP output before the residual add (Gemma)
+    # mixture of experts (inside `mlp`)
+    router: str = "gate"
+    experts: str = "experts"
+    shared_expert: str = "shared_expert"
+    shared_expert_gate: str = "shared_expert_gate"
+
+    # ---- names -----------------------------------------------------------------------------------
+    def mlp_prefixes(self, cfg, layer: int) -> list[str]:
+        """Relative prefixes of every gate/up/down MLP in a block: the dense MLP, or each expert and the
+        shared expert of a MoE block."""
+        if not cfg.is_moe_layer(layer):
+            return [f"{self.mlp}."]
+        out = [f"{self.mlp}.{self.experts}.{e}." for e in range(cfg.num_experts)]
+        if cfg.shared_expert_intermediate_size:
+            out.append(f"{self.mlp}.{self.shared_expert}.")
+        return out
+
+    def groups(self, cfg, layer: int) -> dict[str, list[str]]:
+        """The block's linears by group, relative to the block: attn_in (read the attention norm),
+        attn_out, mlp_in (read the MLP norm), mlp_out, router (read the MLP norm, stay small)."""
+        mlps = self.mlp_prefixes(cfg, layer)
+        router = []
+        if cfg.is_moe_layer(layer):
+            router.append(f"{self.mlp}.{self.router}")
+            if cfg.shared_expert_intermediate_size:
+                router.append(f"{self.mlp}.{self.shared_expert_gate}")
+        return {"attn_in": [self.q, self.k, self.v], "attn_out": [self.o],
+                "mlp_in": [p + n for p in mlps for n in (self.gate, self.up)],
+                "mlp_out": [p + self.down for p in mlps], "router": router}
+
+    def linears(self, cfg, layer: int) -> list[str]:
+        """Every linear of a block, relative to it."""
+        return [n for names in self.groups(cfg, layer).values() for n in names]
+
+    def smoothing(self, cfg, layer: int) -> list[tuple[str, str, list[str]]]:
+        """(module whose output feeds the linears, how a per-channel scale folds into it, the linears it
+        feeds), relative to the block. how = "norm" (the norm's weight) or "rows" (an up projection's
+        rows, feeding the matching down projection). Every linear reading the norm is listed, the
+        router too: a scale folded into the norm must be undone in all of them."""
+        g = self.groups(cfg, layer)
+        out = [(self.attn_norm, "norm", g["attn_in"]), (self.mlp_norm, "norm", g["mlp_in"] + g["router"])]
+        out += [(p + self.up, "rows", [p + self.down]) for p in self.mlp_prefixes(cfg, layer)]
+        return out
+
+    def all_linear(self) -> list[str]:
+        """Leaf names of the block linears that PEFT's "all linear" targets (routers excluded)."""
+        return sorted({n.rpartition(".")[2] for n in (self.q, self.k, self.v, self.o)} |
+                      {self.gate, self.up, self.down})
+
+    def attention_leaves(self) -> list[str]:
+        return [n.rpartition(".")[2] for n in (self.q, self.k, self.v, self.o)]
+
+    def mlp_leaves(self) -> list[str]:
+        return [self.gate, self.up, self.down]
+
+
+LLAMA = Layout()
+
+
+def layout_of(model_or_cfg) -> Layout:
+    """The layout of a model (or a ModelConfig)."""
+    from leanlm.model.families import family
+
+    cfg = getattr(model_or_cfg, "config", model_or_cfg)
+    return family(cfg.model_type).layout
+
+
+def block_prefix(i: int) -> str:
+    return f"{BLOCKS}.{i}."
+
+
+def block_index(name: str) -> int | None:
+    """The block number of a full module name, or None outside the blocks."""
+    m = _BLOCK_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def blocks(model) -> nn.ModuleList:
+    return base_model(model).get_submodule(BLOCKS)
+
+
+def base_model(model) -> nn.Module:
+    """The Transformer under a PEFT wrapper (prompt/prefix tuning wrap the model)."""
+    return getattr(model, "base_model", model)
+
+
+def embedding(model) -> nn.Module:
+    return base_model(model).get_submodule(EMBED)
+
+
+def block_linears(model, layer: int, group: str | None = None) -> list[str]:
+    """Full names of a block's linears, optionally one group of them."""
+    lay, cfg = layout_of(model), base_model(model).config
+    rel = lay.groups(cfg, layer)[group] if group else lay.linears(cfg, layer)
+    return [block_prefix(layer) + n for n in rel]
+
+
+def all_block_linears(model, group: str | None = None) -> list[str]:
+    return [n for i in range(len(blocks(model))) for n in block_linears(model, i, group)]
