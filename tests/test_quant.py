@@ -153,7 +153,8 @@ def test_gptq_layer_error_below_rtn(bits, g):
 
 
 def test_runner_gptq_beats_rtn_and_keeps_block_memory():
-    from leanlm.compress.calibrate import Step, run_steps, select_modules
+    from leanlm.compress.calibrate import Step, run_steps
+    from leanlm.model.surgery import select_modules
     from leanlm.compress.quant import METHODS
 
     samples = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(2))
@@ -174,7 +175,8 @@ def test_runner_gptq_beats_rtn_and_keeps_block_memory():
 
 
 def test_runner_shares_hessian_between_qkv_and_feeds_quantized_outputs():
-    from leanlm.compress.calibrate import Method, Step, run_steps, select_modules
+    from leanlm.compress.calibrate import Method, Step, run_steps
+    from leanlm.model.surgery import select_modules
 
     model = tiny_model()
     original = tiny_model()

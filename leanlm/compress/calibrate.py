@@ -16,7 +16,6 @@ Layers that receive the very same input tensor (q/k/v, gate/up) share one state 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +23,8 @@ import torch
 import torch.nn as nn
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import block_prefix, blocks
+from leanlm.model.surgery import replace_module
 
 
 @dataclass
@@ -51,26 +52,6 @@ class _Stop(Exception):
     pass
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-    if hasattr(new, "on_install"):  # e.g. an int8 embedding re-points a tied lm_head at its table
-        new.on_install(model, name)
-
-
-def select_modules(model: nn.Module, targets: list[str], ignore: list[str], layer_types=(nn.Linear,)) -> list[str]:
-    """Names of modules of the given types matching any target regex (re.search) and no ignore regex."""
-    out = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, layer_types):
-            continue
-        if any(re.search(t, name) for t in targets) and not any(re.search(i, name) for i in ignore):
-            out.append(name)
-    return out
-
-
-def block_prefix(model, i: int) -> str:
-    return f"model.layers.{i}."
 
 
 @dataclass
@@ -86,7 +67,7 @@ class BlockContext:
         return self.model.get_submodule(name)
 
     def replace(self, name: str, new: nn.Module):
-        set_module(self.model, name, new)
+        replace_module(self.model, name, new)
 
     @torch.no_grad()
     def run(self, keep: bool = True) -> list | None:
@@ -126,7 +107,7 @@ class BlockContext:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, samples: torch.Tensor) -> list:
     """Run the embedding and grab what the first block receives, one entry per sample."""
-    first = model.model.layers[0]
+    first = blocks(model)[0]
     got = []
 
     def hook(mod, args):
@@ -154,7 +135,7 @@ def _solve_layers(model, step: Step, names: list[str], states: dict | None, alia
             state = states[alias.get(n, n)] if alias else states[n]
         new = step.method.solve(state, layer, step.cfg)
         if isinstance(new, nn.Module) and new is not layer:
-            set_module(model, n, new)
+            replace_module(model, n, new)
 
 
 @torch.no_grad()
@@ -206,8 +187,8 @@ def run_steps(model: nn.Module, steps: list[Step], samples: torch.Tensor | None 
               progress: bool = True) -> dict:
     """Apply resolved steps to the model in place, block by block. Returns {"blocks": n, "calibrated": bool}."""
     needs_data = any(s.method.needs_data and s.modules for s in steps)
-    nblocks = len(model.model.layers)
-    prefixes = [block_prefix(model, i) for i in range(nblocks)]
+    nblocks = len(blocks(model))
+    prefixes = [block_prefix(i) for i in range(nblocks)]
     outside = [(s, [n for n in s.modules if not any(n.startswith(p) for p in prefixes)]) for s in steps]
     for s, names in outside:
         if names and s.method.needs_data:
@@ -222,7 +203,7 @@ def run_steps(model: nn.Module, steps: list[Step], samples: torch.Tensor | None 
         bar.start()
         task = bar.add_task("compress", total=nblocks)
     try:
-        for i, block in enumerate(model.model.layers):
+        for i, block in enumerate(blocks(model)):
             if bar is not None:
                 bar.update(task, description=f"block {i + 1}/{nblocks}")
             ctx = BlockContext(model, block, i, inputs, [])

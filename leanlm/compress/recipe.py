@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from leanlm.compress.calibrate import Method, Step, run_steps, select_modules
+from leanlm.compress.calibrate import Method, Step, run_steps
+from leanlm.model.surgery import select_modules
 from leanlm.errors import LeanLMError
 
 DEFAULT_TARGETS = [r"^model\.layers\.\d+\."]

@@ -57,7 +57,7 @@ def state_for_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 def restore(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
             source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    from leanlm.compress.calibrate import set_module
+    from leanlm.model.surgery import replace_module
 
     if not isinstance(meta, dict):
         raise LeanLMError(f"{source}: leanlm_compression in config.json is not a mapping; re-save the model")
@@ -84,7 +84,7 @@ def restore(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
                 new = types[tname](**cfg)
         except (TypeError, ValueError) as e:
             raise LeanLMError(f"{source}: bad settings for {name} ({e}); re-save the model")
-        set_module(model, name, new)
+        replace_module(model, name, new)
     if meta.get("sparse"):
         from leanlm.compress.prune.storage import unpack_state
 

@@ -128,7 +128,7 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
         except TypeError:  # safetensors without the pread backend
             return stack.enter_context(safe_open(str(path), framework="pt"))
 
-    from leanlm.compress.calibrate import set_module
+    from leanlm.model.surgery import replace_module
 
     linears = [n for n in _float_linears(model) if n not in skip]
     with ExitStack() as stack:
@@ -160,7 +160,7 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
                 if bias is not None:
                     kept[bkey] = bias
                 continue
-            set_module(model, name, new)
+            replace_module(model, name, new)
             del weight, bias
             trim_heap()
         return {**kept, **{k: read(k) for k in list(where)}}
@@ -200,13 +200,13 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None, quantiz
 
 def quantize_linears(model: Transformer, quantize) -> Transformer:
     """The same hook applied to a model already in memory (a GGUF dequantized without the cache)."""
-    from leanlm.compress.calibrate import set_module
+    from leanlm.model.surgery import replace_module
 
     for name in _float_linears(model):
         lin = model.get_submodule(name)
         new = quantize(name, lin.weight.data, None if lin.bias is None else lin.bias.data)
         if new is not None:
-            set_module(model, name, new)
+            replace_module(model, name, new)
     return model
 
 

@@ -1,0 +1,6 @@
+"""`python -m leanlm ...` (also what `torchrun -m leanlm ...` runs)."""
+import sys
+
+from leanlm.cli import main
+
+sys.exit(main())
