@@ -32,8 +32,11 @@ def tiny_hf(kind: str = "llama", seed: int = 0, **over):
 def to_leanlm(hf_model):
     from leanlm.model import ModelConfig, Transformer
 
+    from leanlm.model.families import family
+
     m = Transformer(ModelConfig.from_hf(hf_model.config.to_dict()))
-    m.load_state_dict(hf_model.state_dict(), strict=False)
+    # the family's key map: transformers keeps MoE experts fused in memory
+    m.load_state_dict(family(m.config.model_type).load_keys(hf_model.state_dict(), m.config), strict=False)
     m.tie_weights()
     return m.eval()
 
