@@ -87,9 +87,9 @@ def new_model(cfg: ModelConfig, init: str = "normal", seed: int = 0) -> Transfor
 
 # ---------------------------------------------------------------- corpus
 def read_documents(source: str) -> list[str]:
-    """A .txt file (one document), a .jsonl file (the "text" field), a folder of either, or
-    packaged:NAME (the packaged texts)."""
-    from leanlm.data.text import packaged_text
+    """A .txt file (one document), a .jsonl file (one per record: text, messages or prompt+completion), a
+    folder of either, or packaged:NAME (the packaged texts)."""
+    from leanlm.data.text import packaged_text, read_texts
 
     if source.startswith("packaged:"):
         return [packaged_text(source.split(":", 1)[1])]
@@ -99,26 +99,7 @@ def read_documents(source: str) -> list[str]:
     files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
     if not files:
         raise LeanLMError(f"{source}: no .txt or .jsonl files")
-    docs = []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise LeanLMError(f"{f}: not UTF-8 ({e.reason} at byte {e.start})")
-        if f.suffix == ".txt":
-            docs.append(text)
-            continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LeanLMError(f"{f}:{n}: malformed JSON ({e.msg})")
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise LeanLMError(f"{f}:{n}: a pre-training record needs a string field 'text'")
-            docs.append(rec["text"])
-    return [d for d in docs if d.strip()]
+    return [d for f in files for d in read_texts(f) if d.strip()]
 
 
 def pack(docs: list[str], tokenizer, seq_len: int, val_fraction: float = 0.05) -> tuple[list[dict], list[dict]]:
