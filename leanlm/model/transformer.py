@@ -317,7 +317,12 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
-        return self.lm_head(x)
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on final hidden states (forward(return_hidden=True)): [..., hidden] -> [..., vocab].
+        Every caller that projects hidden states goes through here, never through the head module."""
+        return self.lm_head(hidden)
 
     def fuse_projections(self) -> "Transformer":
         """Inference speed-up: q/k/v and gate/up each run as one matmul. Weights are shared, not copied;

@@ -51,6 +51,9 @@ class VirtualTokenModel(nn.Module):
     def num_parameters(self) -> int:
         return self.base_model.num_parameters()
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base_model.logits(hidden)
+
 
 class PromptTuned(VirtualTokenModel):
     def __init__(self, model: nn.Module, cfg: PromptTuningConfig):

@@ -90,11 +90,6 @@ def micro_batch(data: list[dict], position: int, batch_size: int, seed: int) -> 
     return [data[int(i)] for i in perm[k * batch_size:(k + 1) * batch_size]]
 
 
-def lm_head(model):
-    base = getattr(model, "base_model", model)
-    return base.lm_head
-
-
 def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over labelled positions; the vocab projection runs only there."""
     hidden = model(ids, return_hidden=True)
@@ -104,7 +99,7 @@ def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     if n == 0:
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1][keep]
-    logits = lm_head(model)(h).float()
+    logits = model.logits(h).float()
     return F.cross_entropy(logits, tgt[keep]), n
 
 
