@@ -29,6 +29,11 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dt)
 
+    @torch.no_grad()
+    def fold_scale_(self, s: torch.Tensor) -> None:
+        """Divide the output by s per channel, in place (AWQ and SmoothQuant move s into the next linears)."""
+        self.weight.div_(s.to(self.weight.dtype))
+
 
 class KVCache:
     """Static cache: K/V preallocated for max_len positions, written in place, no per-token allocation.

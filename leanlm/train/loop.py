@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import blocks
 from leanlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlm.train.optim import MeZO, lr_at, make_optimizer
 
@@ -107,7 +108,7 @@ def enable_grad_checkpointing(model) -> None:
     """Recompute each block's activations in backward instead of storing them."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.model.layers:
+    for block in blocks(model):
         if getattr(block, "_leanlm_ckpt", False):
             continue
         fwd = block.forward

@@ -4,9 +4,10 @@ Both run `torch._int_mm` (int8 x int8 -> int32) with int8 weights per output cha
 activations quantized per token at run time (dynamic absmax / 127); `_int_mm` needs more than 16
 rows, so shorter inputs (decode) are zero-padded to 17 rows.
 - SmoothQuant divides each input channel of the activations by s_j = max|X_j|^a / max|W_j|^(1-a)
-  and multiplies the weight's columns by s_j, folding 1/s into the preceding RMSNorm (q/k/v,
-  gate/up) or into up_proj's rows (down_proj). o_proj is not smoothed: with grouped-query
-  attention its input channels do not map one-to-one onto v_proj's rows.
+  and multiplies the weight's columns by s_j, folding 1/s into the preceding norm (the attention
+  inputs, the MLP inputs) or into the up projection's rows (the MLP output), as the family's layout
+  lists them (`Layout.smoothing`). The attention output projection is not smoothed: with
+  grouped-query attention its input channels do not map one-to-one onto the value rows.
 - LLM.int8(): input features whose calibration activations exceed `threshold` in magnitude are
   kept in high precision (their weight columns in fp16, an fp matmul); the rest goes through int8.
   The outlier set is found on calibration data (static), where bitsandbytes detects it per batch.
@@ -20,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.compress.calibrate import BlockContext
+from leanlm.io.modules import register_module_type
+from leanlm.model.layout import base_model, block_prefix, layout_of
 
 
 def quantize_rows(x: torch.Tensor):
@@ -41,6 +44,7 @@ def int8_matmul(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, fast
     return acc * xs[:, None] * w_scale[None, :]
 
 
+@register_module_type
 class W8A8Linear(nn.Module):
     fast = True
 
@@ -109,18 +113,20 @@ class SmoothQuantConfig:
             raise ValueError("alpha must be in [0, 1]")
 
 
-def smoothing_groups(block) -> list[tuple[nn.Module, str, list[str]]]:
-    """(module whose output feeds the linears, how to fold: 'norm' or 'rows', linears relative to the block)."""
-    return [(block.input_layernorm, "norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-            (block.post_attention_layernorm, "norm", ["mlp.gate_proj", "mlp.up_proj"]),
-            (block.mlp.up_proj, "rows", ["mlp.down_proj"])]
+def smoothing_groups(ctx: BlockContext) -> list[tuple[nn.Module, str, list[str]]]:
+    """(module whose output feeds the linears, how to fold: 'norm' or 'rows', full names of the linears)
+    for the block being calibrated, from the family's layout."""
+    prefix = block_prefix(ctx.index)
+    groups = layout_of(ctx.model).smoothing(base_model(ctx.model).config, ctx.index)
+    return [(ctx.block.get_submodule(prev), how, [prefix + r for r in rel]) for prev, how, rel in groups]
 
 
 @torch.no_grad()
 def fold_scales(prev: nn.Module, how: str, linears: list[nn.Linear], s: torch.Tensor):
-    """x -> x / s before `linears` (folded into prev), W -> W * s: the block computes the same function."""
+    """x -> x / s before `linears` (folded into prev), W -> W * s: the block computes the same function.
+    A norm folds the scale its own way (`fold_scale_`: a (1 + w) norm differs from a plain one)."""
     if how == "norm":
-        prev.weight.div_(s.to(prev.weight.dtype))
+        prev.fold_scale_(s)
     else:
         prev.weight.div_(s[:, None].to(prev.weight.dtype))
         if prev.bias is not None:
@@ -131,7 +137,6 @@ def fold_scales(prev: nn.Module, how: str, linears: list[nn.Linear], s: torch.Te
 
 @torch.no_grad()
 def smoothquant_block(ctx: BlockContext, cfg: SmoothQuantConfig):
-    prefix = f"model.layers.{ctx.index}."
     absmax: dict[str, torch.Tensor] = {}
 
     def fn(name, x):
@@ -139,8 +144,7 @@ def smoothquant_block(ctx: BlockContext, cfg: SmoothQuantConfig):
         absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
     ctx.collect(ctx.modules, fn)
     targets = set(ctx.modules)
-    for prev, how, rel in smoothing_groups(ctx.block):
-        names = [prefix + r for r in rel]
+    for prev, how, names in smoothing_groups(ctx):
         if not targets.intersection(names) or not all(n in absmax or n not in targets for n in names):
             continue
         act = torch.stack([absmax[n] for n in names if n in absmax]).amax(0)
