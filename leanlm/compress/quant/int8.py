@@ -115,8 +115,8 @@ class SmoothQuantConfig:
 
 def smoothing_groups(ctx: BlockContext) -> list[tuple[nn.Module, str, list[str]]]:
     """(module whose output feeds the linears, how to fold: 'norm' or 'rows', full names of the linears),
-    from the layout: a MoE block's norm feeds the router and every expert, each expert's up_proj its
-    own down_proj. Groups holding an already-replaced (quantized) layer are left out: no weight to fold."""
+    from the layout: a MoE block's norm feeds the router and every expert, each expert's up projection
+    its own down projection. Groups holding an already-replaced (quantized) layer are left out: no weight to fold."""
     pre, out = block_prefix(ctx.index), []
     for prev, how, rel in layout_of(ctx.model).smoothing(base_model(ctx.model).config, ctx.index):
         names = [pre + r for r in rel]
