@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
+from leanlm.model.moe import SparseMoE
 
 IMPORTANCE = ("activation", "taylor", "magnitude")
 
@@ -241,7 +242,8 @@ def sync_config(model):
     model.config = _uniformize(dataclasses.replace(
         model.config, num_layers=len(blocks), layer_num_heads=[b.self_attn.nh for b in blocks],
         layer_num_kv_heads=[b.self_attn.nkv for b in blocks],
-        layer_intermediate_size=[b.mlp.down_proj.in_features for b in blocks]))
+        layer_intermediate_size=[model.config.intermediate_size if isinstance(b.mlp, SparseMoE)
+                                 else b.mlp.down_proj.in_features for b in blocks]))
     return model
 
 
@@ -262,4 +264,9 @@ def drop_blocks(model, drop: list[int]):
     model.model.layers = nn.ModuleList(model.model.layers[i] for i in kept)
     for new_i, blk in enumerate(model.model.layers):
         blk.self_attn.layer = new_i
+        if isinstance(blk.mlp, SparseMoE):
+            blk.mlp.layer = new_i
+    if cfg.num_experts:  # which of the kept blocks are mixtures of experts, renumbered
+        moe = [new_i for new_i, old in enumerate(kept) if cfg.is_moe_layer(old)]
+        model.config = dataclasses.replace(cfg, moe_layers=None if len(moe) == len(kept) else moe)
     return sync_config(model)
