@@ -14,7 +14,11 @@ def load_via_folder(hf, folder):
     hf.save_pretrained(folder)
     save_tiny_tokenizer(folder, hf.config.vocab_size)
     m, _ = leanlm.load(folder)
+    load_via_folder.folder[hf] = folder
     return m
+
+
+load_via_folder.folder = {}
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -113,6 +117,30 @@ def test_save_round_trip_to_transformers(pair, tmp_path):
     save_tiny_tokenizer(tmp_path / "out")
     m3, _ = leanlm.load(tmp_path / "out")
     assert m3.config == m.config
+
+
+def test_quantize_on_load_sees_every_expert(pair, tmp_path):
+    """QLoRA's load path reads the checkpoint one tensor at a time through the key map (Mixtral's
+    block_sparse_moe/w1/w2/w3 names): every expert linear arrives under leanlm's name, NF4 on load."""
+    import leanlm
+    from leanlm.compress.quant.nf4 import NF4Linear
+    from leanlm.model.layout import layout_of
+    from leanlm.peft.qlora import nf4_on_load
+
+    hf, m = pair
+    lay = layout_of(m)
+    q, _ = leanlm.load(load_via_folder.folder[hf], quantize=nf4_on_load(lay.mlp_leaves()))
+    n_experts = sum(isinstance(mod, NF4Linear) and f".{lay.experts}." in n for n, mod in q.named_modules())
+    assert n_experts == 3 * m.config.num_experts * sum(map(m.config.is_moe_layer, range(m.config.num_layers)))
+    # the same hook on the model already in memory: the very same modules at the same names
+    import copy
+
+    from leanlm.io.checkpoint import quantize_linears
+
+    ref = quantize_linears(copy.deepcopy(m), nf4_on_load(lay.mlp_leaves()))
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(q(ids), ref(ids)) and not torch.equal(q(ids), m(ids))
 
 
 def test_router_stats_count_routed_tokens(pair):
