@@ -186,3 +186,18 @@ def test_bad_moe_config():
         from leanlm.model.transformer import Transformer
 
         Transformer(ModelConfig.from_hf(d))
+
+
+def test_fused_expert_projections_equal_plain_path(pair):
+    import copy
+
+    from leanlm.model.moe import moe_blocks
+
+    _, m = pair
+    m = copy.deepcopy(m)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        plain = m(ids)
+        m.fuse_projections()
+        assert all("_gate_up" in e.__dict__ for b in moe_blocks(m) for e in b.experts)
+        assert (m(ids) - plain).abs().max() < 1e-5
