@@ -102,6 +102,9 @@ magnitude_prune, wanda_prune, sparsegpt_prune = _how("magnitude"), _how("wanda")
 # ---------------------------------------------------------------- structured
 def structured_prune(model, cfg: st.StructuredConfig, modules=None, samples=None, progress: bool = True):
     """Remove KV groups and MLP channels by importance so about cfg.target of the parameters go."""
+    if model.config.num_experts:
+        raise LeanLMError("structured pruning does not handle mixture-of-experts blocks yet (expert channels, "
+                          "whole experts); use layerdrop, wanda/sparsegpt or quantization on this model")
     groups, channels = st.plan(model, cfg)
     if cfg.importance in ("taylor", "magnitude"):
         grads = None
