@@ -44,7 +44,7 @@ def _target_logits(model, ids: torch.Tensor, keep_from: int) -> torch.Tensor:
 
     if isinstance(model, Transformer):
         hidden = model(ids, return_hidden=True)
-        return model.lm_head(hidden[:, keep_from:])
+        return model.logits(hidden[:, keep_from:])
     out = model(ids)
     logits = out.logits if hasattr(out, "logits") else out  # transformers' models return an output object
     return logits[:, keep_from:]

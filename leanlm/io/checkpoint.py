@@ -35,8 +35,12 @@ def _compression_serialize():
 
 def materialize(model: Transformer, sd: dict[str, torch.Tensor], source: str, meta: dict | None = None,
                 dtype: torch.dtype | None = None) -> Transformer:
-    """Assign tensors into a meta-device model; the key sets must match exactly."""
+    """Assign tensors into a meta-device model; the key sets must match exactly. `sd` has the checkpoint's
+    keys: the family's key map (leanlm/model/families.py, e.g. Phi-3's fused q/k/v) turns them into leanlm's."""
+    from leanlm.model.families import family
+
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    sd = family(model.config.model_type, source).load_keys(sd, model.config)
     if meta:  # compressed modules (quantized/sparse) rebuild themselves from their tensors first
         ser = _compression_serialize()
         if ser is None:
@@ -189,11 +193,16 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None, quantiz
     raw = json.loads((folder / "config.json").read_text())
     meta = raw.get("leanlm_compression")
     model = build_on_meta(cfg)
-    if quantize is None:
+    from leanlm.model.families import family
+
+    fused_keys = family(cfg.model_type).load_keys is not family("llama").load_keys
+    if quantize is None or fused_keys:  # a fused checkpoint is split whole, then quantized in memory
         sd = _read_safetensors(folder)
     else:  # compressed modules restore themselves in materialize; the hook sees only float linears
         sd = _read_quantizing(folder, model, quantize, skip=set((meta or {}).get("modules") or {}))
     model = materialize(model, sd, str(folder), meta=meta, dtype=dtype)
+    if quantize is not None and fused_keys:
+        model = quantize_linears(model, quantize)
     tok = Tokenizer.from_folder(folder)
     return model, tok
 
@@ -232,6 +241,9 @@ def save_hf_folder(model: Transformer, tokenizer, folder: str | Path, dtype: tor
         tensors = model.state_dict()
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    from leanlm.model.families import family
+
+    tensors = family(cfg.model_type).save_keys(tensors, cfg)  # the checkpoint's own names (fused q/k/v...)
     out, ptrs = {}, set()
     for k, v in tensors.items():
         v = v.detach()

@@ -12,12 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from leanlm.errors import LeanLMError
-from leanlm.model.layout import LLAMA, Layout
+from leanlm.model.layout import GEMMA, LLAMA, Layout
 
 
 def _identity(sd: dict, cfg) -> dict:
     return sd
+
+
+def _no_fields(d: dict, source: str) -> dict:
+    return {}
+
+
+def _no_keys(cfg) -> dict:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,121 @@ class Family:
     # checkpoint keys <-> leanlm's state dict keys (fused q/k/v, per-expert names...)
     load_keys: Callable[[dict, object], dict] = _identity
     save_keys: Callable[[dict, object], dict] = _identity
+    hf_defaults: dict = field(default_factory=dict)  # config.json values transformers assumes when a key is absent
+    # config.json -> ModelConfig fields the family reads its own way (gemma_fields below); may raise LeanLMError
+    read_hf: Callable[[dict, str], dict] = _no_fields
+    write_hf: Callable[[object], dict] = _no_keys  # ModelConfig -> the config.json keys of those fields
+
+
+# ---- Gemma 2 / Gemma 3 (text) -------------------------------------------------------------------
+
+def _rope_dict(p: dict | None) -> dict | None:
+    p = {k: v for k, v in (p or {}).items() if k != "rope_theta"}
+    return None if p.get("rope_type", p.get("type", "default")) == "default" else p
+
+
+def _gemma_fields(d: dict, source: str, gemma3: bool) -> dict:
+    if d.get("use_bidirectional_attention"):
+        raise LeanLMError(f"{source}: use_bidirectional_attention=true is not supported; leanlm runs causal Gemma "
+                          "(set it to false)")
+    n = int(d["num_hidden_layers"])
+    pattern = int(d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6 if gemma3 else 2)))
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    out = dict(hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh",
+               layer_types=list(types), query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+               final_logit_softcapping=d.get("final_logit_softcapping", None if gemma3 else 30.0),
+               # Gemma 3 keeps the field but transformers never applies it (its attention has no soft-cap)
+               attn_logit_softcapping=None if gemma3 else d.get("attn_logit_softcapping", 50.0),
+               sliding_window=d.get("sliding_window", 4096))
+    if gemma3:  # per layer type RoPE: global layers 1M (+ scaling), local ones 10k
+        rp = d.get("rope_parameters") or {}
+        if "full_attention" in rp or "sliding_attention" in rp:
+            full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+        else:  # older config.json: rope_theta / rope_scaling (global), rope_local_base_freq (local)
+            full = {**(d.get("rope_scaling") or {}), "rope_theta": d.get("rope_theta", 1e6)}
+            local = {"rope_theta": d.get("rope_local_base_freq", 1e4)}
+        out.update(rope_theta=float(full.get("rope_theta", 1e6)), rope_scaling=_rope_dict(full),
+                   local_rope_theta=float(local.get("rope_theta", 1e4)), local_rope_scaling=_rope_dict(local))
+    return out
+
+
+def _gemma_hf(cfg) -> dict:
+    d = {"hidden_activation": cfg.hidden_act, "layer_types": cfg.layer_types,
+         "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "sliding_window": cfg.sliding_window,
+         "final_logit_softcapping": cfg.final_logit_softcapping,
+         "attn_logit_softcapping": cfg.attn_logit_softcapping, "use_bidirectional_attention": False}
+    if cfg.local_rope_theta is not None:
+        d["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
+            "sliding_attention": {"rope_type": "default", **(cfg.local_rope_scaling or {}),
+                                  "rope_theta": cfg.local_rope_theta}}
+        d["rope_theta"] = d["rope_scaling"] = None
+    return d
+
+
+_GEMMA_FIXED = {"norm_plus_one": True, "post_norms": True, "embed_scale": True, "mlp_bias": False}
+_GEMMA_DEFAULTS = {"tie_word_embeddings": True, "head_dim": 256, "rms_norm_eps": 1e-6}
+
+
+# ---- Phi-3 ---------------------------------------------------------------------------------------
+
+def _phi3_load(sd: dict, cfg) -> dict:
+    """Split the checkpoint's fused qkv_proj and gate_up_proj into leanlm's q/k/v and gate/up linears."""
+    sd = dict(sd)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        nh, nkv = cfg.heads(i)
+        qkv = sd.pop(p + "self_attn.qkv_proj.weight", None)
+        if qkv is not None:
+            q, k, v = qkv.split([nh * cfg.head_dim, nkv * cfg.head_dim, nkv * cfg.head_dim])
+            sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"] = q, k, v
+        gu = sd.pop(p + "mlp.gate_up_proj.weight", None)
+        if gu is not None:
+            sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = gu.chunk(2)
+    return sd
+
+
+def _phi3_save(sd: dict, cfg) -> dict:
+    """Fuse them back, where all parts are still plain weights (compressed modules keep leanlm's names)."""
+    sd = dict(sd)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for fused, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                             ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
+            keys = [f"{p}{n}.weight" for n in parts]
+            if all(k in sd for k in keys) and not any(f"{p}{n}.bias" in sd for n in parts):
+                sd[f"{p}{fused}.weight"] = torch.cat([sd.pop(k) for k in keys])
+    return sd
+
+
+def _phi3_fields(d: dict, source: str) -> dict:
+    rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind in ("su", "yarn"):  # transformers reads Phi-3's older names as LongRoPE
+        kind = "longrope"
+    if kind not in ("default", "longrope"):
+        raise LeanLMError(f"{source}: rope type {kind!r} is not one Phi-3 runs; supported: default, longrope")
+    out = {"partial_rotary_factor": float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
+           "sliding_window": d.get("sliding_window")}
+    if kind == "longrope":
+        scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor", "type")}
+        scaling["rope_type"] = "longrope"
+        # Phi-3 keeps the pretraining length beside the RoPE dict; transformers prefers it there
+        scaling["original_max_position_embeddings"] = int(d.get(
+            "original_max_position_embeddings", rp.get("original_max_position_embeddings", 4096)))
+        out["rope_scaling"] = scaling
+    else:
+        out["rope_scaling"] = None
+    return out
+
+
+def _phi3_hf(cfg) -> dict:
+    rp = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta,
+          "partial_rotary_factor": cfg.partial_rotary_factor, **(cfg.rope_scaling or {})}
+    d = {"rope_parameters": rp, "rope_theta": None, "rope_scaling": None}
+    if cfg.rope_scaling:
+        d["original_max_position_embeddings"] = cfg.rope_scaling["original_max_position_embeddings"]
+    return d
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
@@ -41,6 +166,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("qwen2", "Qwen2ForCausalLM", "qwen2", fixed={"attention_bias": True, "attention_out_bias": False},
            out_bias_follows_qkv=False, sliding_flag="use_sliding_window"),
     Family("qwen3", "Qwen3ForCausalLM", "qwen3", fixed={"qk_norm": True}, sliding_flag="use_sliding_window"),
+    Family("gemma2", "Gemma2ForCausalLM", "gemma2", layout=GEMMA, fixed=_GEMMA_FIXED, hf_defaults=_GEMMA_DEFAULTS,
+           read_hf=lambda d, src: _gemma_fields(d, src, gemma3=False), write_hf=_gemma_hf),
+    Family("gemma3_text", "Gemma3ForCausalLM", "gemma3", layout=GEMMA, fixed={**_GEMMA_FIXED, "qk_norm": True},
+           hf_defaults=_GEMMA_DEFAULTS, read_hf=lambda d, src: _gemma_fields(d, src, gemma3=True), write_hf=_gemma_hf),
+    Family("phi3", "Phi3ForCausalLM", "phi3", fixed={"attention_bias": False, "attention_out_bias": False,
+                                                     "mlp_bias": False},
+           hf_defaults={"rms_norm_eps": 1e-5}, load_keys=_phi3_load, save_keys=_phi3_save, read_hf=_phi3_fields,
+           write_hf=_phi3_hf),
 ]}
 
 

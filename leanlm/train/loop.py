@@ -91,8 +91,9 @@ def micro_batch(data: list[dict], position: int, batch_size: int, seed: int) -> 
 
 
 def lm_head(model):
+    """The output head on hidden states (the model's `logits`: Gemma's soft-capping included)."""
     base = getattr(model, "base_model", model)
-    return base.lm_head
+    return base.logits
 
 
 def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -94,7 +94,7 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig):
     prefix = f"model.layers.{ctx.index}."
     X = {n: v.float() for n, v in ctx.capture(ctx.modules, max_tokens=cfg.max_tokens).items()}
     targets = set(ctx.modules)
-    for prev, how, rel in smoothing_groups(ctx.block):
+    for prev, how, rel in smoothing_groups(ctx):
         names = [prefix + r for r in rel]
         if not targets.intersection(names):
             continue

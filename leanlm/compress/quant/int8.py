@@ -109,18 +109,20 @@ class SmoothQuantConfig:
             raise ValueError("alpha must be in [0, 1]")
 
 
-def smoothing_groups(block) -> list[tuple[nn.Module, str, list[str]]]:
-    """(module whose output feeds the linears, how to fold: 'norm' or 'rows', linears relative to the block)."""
-    return [(block.input_layernorm, "norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-            (block.post_attention_layernorm, "norm", ["mlp.gate_proj", "mlp.up_proj"]),
-            (block.mlp.up_proj, "rows", ["mlp.down_proj"])]
+def smoothing_groups(ctx) -> list[tuple[nn.Module, str, list[str]]]:
+    """(module whose output feeds the linears, how to fold: 'norm' or 'rows', linears relative to the block),
+    as the model's layout declares them (Gemma's MLP reads pre_feedforward_layernorm)."""
+    from leanlm.model.layout import base_model, layout_of
+
+    cfg = base_model(ctx.model).config
+    return [(ctx.block.get_submodule(prev), how, rel) for prev, how, rel in layout_of(cfg).smoothing(cfg, ctx.index)]
 
 
 @torch.no_grad()
 def fold_scales(prev: nn.Module, how: str, linears: list[nn.Linear], s: torch.Tensor):
     """x -> x / s before `linears` (folded into prev), W -> W * s: the block computes the same function."""
     if how == "norm":
-        prev.weight.div_(s.to(prev.weight.dtype))
+        prev.fold_scale_(s)  # the norm knows its form (Gemma's (1 + w))
     else:
         prev.weight.div_(s[:, None].to(prev.weight.dtype))
         if prev.bias is not None:
@@ -139,7 +141,7 @@ def smoothquant_block(ctx: BlockContext, cfg: SmoothQuantConfig):
         absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
     ctx.collect(ctx.modules, fn)
     targets = set(ctx.modules)
-    for prev, how, rel in smoothing_groups(ctx.block):
+    for prev, how, rel in smoothing_groups(ctx):
         names = [prefix + r for r in rel]
         if not targets.intersection(names) or not all(n in absmax or n not in targets for n in names):
             continue
