@@ -211,18 +211,22 @@ def test_quantization_recipes(case, recipe):
     assert 0 < rel < 0.08, rel
 
 
-def test_lora_adapter_loads_in_peft_on_gemma(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_adapter_loads_in_peft_on_gemma(method, tmp_path):
+    """A leanlm adapter saved in peft's format gives the same logits in peft over transformers' Gemma 2
+    (prompt tuning: the virtual tokens join the *scaled* word embeddings, as peft does)."""
     import peft
 
     from leanlm.peft import apply, save_adapter
 
     hf, m = pair("gemma2")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    m = apply(m, "lora", r=4, alpha=8, target_modules=targets)
+    opts = dict(r=4, alpha=8, target_modules=targets) if method == "lora" else dict(num_virtual_tokens=3)
+    m = apply(m, method, **opts)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for n, p in m.named_parameters():
-            if "lora_" in n:
+            if "lora_" in n or "prompt_embeddings" in n:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     ids = ids_of(2, 11)
     with torch.no_grad():
@@ -231,7 +235,8 @@ def test_lora_adapter_loads_in_peft_on_gemma(tmp_path):
     save_adapter(m, tmp_path / "ad")
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ad")).eval()
     with torch.no_grad():
-        assert close(pm(input_ids=ids).logits, out)
+        got = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert close(got[:, opts.get("num_virtual_tokens", 0):], out)
 
 
 @pytest.mark.parametrize("kind,field,value,msg", [
@@ -240,9 +245,11 @@ def test_lora_adapter_loads_in_peft_on_gemma(tmp_path):
     ("phi3", "rope_parameters", {"rope_type": "llama3", "factor": 2.0, "rope_theta": 1e4}, "rope type 'llama3'.*longrope"),
     ("gemma2", "layer_types", ["sliding_attention", "chunked_attention"], "layer_types.*chunked_attention"),
     ("phi3", "model_type", "phi4mm", "unsupported architecture model_type='phi4mm'.*gemma2"),
+    ("phi3-longrope", "rope_parameters", {**LONGROPE, "long_factor": [1.0] * 3}, "long_factor, a list of 8"),
 ])
 def test_bad_config_stops_with_one_line(tmp_path, kind, field, value, msg):
-    d = tiny_hf(kind).config.to_dict()
+    kind, kw = CASES.get(kind, (kind, {}))
+    d = tiny_hf(kind, **kw).config.to_dict()
     d[field] = value
     (tmp_path / "config.json").write_text(json.dumps(d))
     from leanlm.model.config import read_hf_config

@@ -140,6 +140,13 @@ def _phi3_fields(d: dict, source: str) -> dict:
     out = {"partial_rotary_factor": float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
            "sliding_window": d.get("sliding_window")}
     if kind == "longrope":
+        head_dim = int(d.get("head_dim") or int(d["hidden_size"]) // int(d["num_attention_heads"]))
+        half = int(head_dim * out["partial_rotary_factor"]) // 2
+        for key in ("short_factor", "long_factor"):
+            v = rp.get(key)
+            if not isinstance(v, list) or len(v) != half:
+                raise LeanLMError(f"{source}: LongRoPE needs rope_parameters.{key}, a list of {half} numbers "
+                                  f"(half the rotary dimension); got {v!r:.60}")
         scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor", "type")}
         scaling["rope_type"] = "longrope"
         # Phi-3 keeps the pretraining length beside the RoPE dict; transformers prefers it there
@@ -166,11 +173,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("qwen2", "Qwen2ForCausalLM", "qwen2", fixed={"attention_bias": True, "attention_out_bias": False},
            out_bias_follows_qkv=False, sliding_flag="use_sliding_window"),
     Family("qwen3", "Qwen3ForCausalLM", "qwen3", fixed={"qk_norm": True}, sliding_flag="use_sliding_window"),
-    Family("gemma2", "Gemma2ForCausalLM", "gemma2", layout=GEMMA, fixed=_GEMMA_FIXED, hf_defaults=_GEMMA_DEFAULTS,
+    # GGUF names (llama.cpp): "gemma2", "gemma3", "phi3". None until their tensor maps exist (llama.cpp also
+    # stores Gemma's norms as 1 + w and Phi-3's q/k/v fused): reading them with Llama's map would load a
+    # model that computes something else, so the reader refuses them.
+    Family("gemma2", "Gemma2ForCausalLM", None, layout=GEMMA, fixed=_GEMMA_FIXED, hf_defaults=_GEMMA_DEFAULTS,
            read_hf=lambda d, src: _gemma_fields(d, src, gemma3=False), write_hf=_gemma_hf),
-    Family("gemma3_text", "Gemma3ForCausalLM", "gemma3", layout=GEMMA, fixed={**_GEMMA_FIXED, "qk_norm": True},
+    Family("gemma3_text", "Gemma3ForCausalLM", None, layout=GEMMA, fixed={**_GEMMA_FIXED, "qk_norm": True},
            hf_defaults=_GEMMA_DEFAULTS, read_hf=lambda d, src: _gemma_fields(d, src, gemma3=True), write_hf=_gemma_hf),
-    Family("phi3", "Phi3ForCausalLM", "phi3", fixed={"attention_bias": False, "attention_out_bias": False,
+    Family("phi3", "Phi3ForCausalLM", None, fixed={"attention_bias": False, "attention_out_bias": False,
                                                      "mlp_bias": False},
            hf_defaults={"rms_norm_eps": 1e-5}, load_keys=_phi3_load, save_keys=_phi3_save, read_hf=_phi3_fields,
            write_hf=_phi3_hf),
