@@ -170,6 +170,24 @@ def test_checkpoints_round_trip_with_transformers(case, tmp_path, tokenizer):
         assert close(m2(ids), ref)
 
 
+def test_quantize_on_load_splits_fused_phi3_weights_first(tmp_path, tokenizer):
+    """QLoRA's load hook sees Phi-3's q/k/v and gate/up, not the checkpoint's fused tensors."""
+    from leanlm.peft.qlora import nf4_on_load
+
+    hf, ref = pair("phi3", vocab_size=NV)
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    m, _ = leanlm.load(tmp_path / "hf", quantize=nf4_on_load(["q_proj", "gate_proj"]))
+    layer = m.model.layers[1]
+    assert type(layer.self_attn.q_proj).__name__ == "NF4Linear" and type(layer.mlp.gate_proj).__name__ == "NF4Linear"
+    assert type(layer.self_attn.k_proj) is torch.nn.Linear and torch.equal(layer.mlp.up_proj.weight,
+                                                                           ref.model.layers[1].mlp.up_proj.weight)
+    ids = ids_of(1, 12, vocab=NV)
+    with torch.no_grad():
+        a, b = m(ids), ref(ids)
+    assert 0 < ((a - b).norm() / b.norm()).item() < 0.3  # NF4 error on two linears per block
+
+
 def test_smoothing_folds_keep_the_function():
     """Every (norm or up-projection -> linears) group the layout names, folded with a random per-channel
     scale, leaves the logits unchanged: the right norm feeds each group and (1 + w) folds correctly."""
@@ -192,8 +210,8 @@ def test_smoothing_folds_keep_the_function():
                     .input_layernorm.weight).any()
 
 
-@pytest.mark.parametrize("recipe", ["w8a16-rtn-g32", "w8a16-gptq-g32", "w8a16-awq-g32"])
-@pytest.mark.parametrize("case", ["gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("case,recipe", [("gemma2", "w8a16-awq-g32"), ("gemma3", "w8a16-gptq-g32"),
+                                         ("phi3", "w8a16-rtn-g32"), ("phi3", "w8a16-awq-g32")])
 def test_quantization_recipes(case, recipe):
     from leanlm.compress.quant.qlinear import QuantLinear
     from leanlm.compress.recipe import apply_recipe, load_recipe
