@@ -14,6 +14,7 @@ import torch.nn as nn
 from leanlm.errors import LeanLMError
 from leanlm.io.atomic import atomic_dir
 from leanlm.model.config import ModelConfig, read_hf_config
+from leanlm.model.families import family
 from leanlm.model.transformer import Transformer
 
 # Keys some checkpoints carry that are derived, not weights.
@@ -35,12 +36,8 @@ def _compression_serialize():
 
 def materialize(model: Transformer, sd: dict[str, torch.Tensor], source: str, meta: dict | None = None,
                 dtype: torch.dtype | None = None) -> Transformer:
-    """Assign tensors into a meta-device model; the key sets must match exactly. `sd` has the checkpoint's
-    keys: the family's key map (leanlm/model/families.py, e.g. Phi-3's fused q/k/v) turns them into leanlm's."""
-    from leanlm.model.families import family
-
+    """Assign tensors into a meta-device model; the key sets must match exactly."""
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    sd = family(model.config.model_type, source).load_keys(sd, model.config)
     if meta:  # compressed modules (quantized/sparse) rebuild themselves from their tensors first
         ser = _compression_serialize()
         if ser is None:
@@ -144,8 +141,12 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise _unreadable(path, e)
 
+        # leanlm's names -> the checkpoint's (a family's key map renames; fused tensors stay as they are)
+        where = {new: where[old] + (old,) for new, old in
+                 family(model.config.model_type).load_keys({k: k for k in where}, model.config).items()}
+
         def read(key):
-            f, path = where.pop(key)
+            f, path, key = where.pop(key)
             try:
                 return f.get_tensor(key)
             except (SafetensorError, OSError, RuntimeError) as e:
@@ -167,7 +168,8 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
             replace_module(model, name, new)
             del weight, bias
             trim_heap()
-        return {**kept, **{k: read(k) for k in list(where)}}
+        rest = {k: read(k) for k in list(where)}
+        return {**kept, **family(model.config.model_type).load_keys(rest, model.config)}
 
 
 def trim_heap() -> None:
@@ -193,15 +195,12 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None, quantiz
     raw = json.loads((folder / "config.json").read_text())
     meta = raw.get("leanlm_compression")
     model = build_on_meta(cfg)
-    from leanlm.model.families import family
-
-    fused_keys = family(cfg.model_type).load_keys is not family("llama").load_keys
-    if quantize is None or fused_keys:  # a fused checkpoint is split whole, then quantized in memory
-        sd = _read_safetensors(folder)
+    if quantize is None:
+        sd = family(cfg.model_type).load_keys(_read_safetensors(folder), cfg)
     else:  # compressed modules restore themselves in materialize; the hook sees only float linears
         sd = _read_quantizing(folder, model, quantize, skip=set((meta or {}).get("modules") or {}))
     model = materialize(model, sd, str(folder), meta=meta, dtype=dtype)
-    if quantize is not None and fused_keys:
+    if quantize is not None:  # linears stored fused (Phi-3's qkv_proj, fused experts) meet the hook once split
         model = quantize_linears(model, quantize)
     tok = Tokenizer.from_folder(folder)
     return model, tok
@@ -241,9 +240,8 @@ def save_hf_folder(model: Transformer, tokenizer, folder: str | Path, dtype: tor
         tensors = model.state_dict()
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    from leanlm.model.families import family
-
-    tensors = family(cfg.model_type).save_keys(tensors, cfg)  # the checkpoint's own names (fused q/k/v...)
+    if not meta:  # the family's checkpoint names (compressed checkpoints keep leanlm's, which load as they are)
+        tensors = family(cfg.model_type).save_keys(tensors, cfg)
     out, ptrs = {}, set()
     for k, v in tensors.items():
         v = v.detach()

@@ -171,7 +171,7 @@ class ModelConfig:
                 layer_num_kv_heads=d.get("leanlm_layer_num_kv_heads"),
                 layer_intermediate_size=d.get("leanlm_layer_intermediate_size"),
             )
-            kw.update(fam.read_hf(d, source))  # what the family reads its own way (Gemma, Phi-3)
+            kw.update(fam.read_config(d, kw["num_layers"]))  # what the family reads its own way (Gemma, Phi-3, MoE)
             kw.update(fam.fixed)  # what the family always has (transformers hard-codes it)
             cfg = cls(**kw)
         except KeyError as e:
@@ -217,7 +217,7 @@ class ModelConfig:
             d[fam.sliding_flag] = self.sliding_window is not None
         if fam.out_bias_follows_qkv and self.attention_bias != self.attention_out_bias:
             raise LeanLMError(f"{self.model_type} config cannot express q/k/v bias without o_proj bias")
-        d.update(fam.write_hf(self))
+        d.update(fam.write_config(self))
         if not self.uniform:
             d["leanlm_layer_num_heads"] = self.layer_num_heads
             d["leanlm_layer_num_kv_heads"] = self.layer_num_kv_heads

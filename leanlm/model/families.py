@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.model import moe
 from leanlm.model.layout import GEMMA, LLAMA, Layout
 
 
@@ -22,11 +23,7 @@ def _identity(sd: dict, cfg) -> dict:
     return sd
 
 
-def _no_fields(d: dict, source: str) -> dict:
-    return {}
-
-
-def _no_keys(cfg) -> dict:
+def _nothing(*args) -> dict:
     return {}
 
 
@@ -40,13 +37,16 @@ class Family:
     out_bias_follows_qkv: bool = True  # o_proj has a bias whenever attention_bias is set (Llama); else never (Qwen2)
     sliding_flag: str | None = None  # config.json key that must be true for sliding_window to apply
     gguf_sliding: bool = False  # among families sharing a GGUF architecture, the one a sliding window means
-    # checkpoint keys <-> leanlm's state dict keys (fused q/k/v, per-expert names...)
+    # checkpoint keys <-> leanlm's state dict keys (fused q/k/v, per-expert names...). load_keys must
+    # rename keys whatever their values are (the quantizing loader maps key names through it first) and
+    # leave leanlm's own names unchanged (leanlm's compressed checkpoints keep them).
     load_keys: Callable[[dict, object], dict] = _identity
     save_keys: Callable[[dict, object], dict] = _identity
+    # config.json fields read/written the family's own way: read_config(d, num_layers) -> ModelConfig
+    # fields; write_config(cfg) -> config.json fields
+    read_config: Callable[[dict, int], dict] = _nothing
+    write_config: Callable[[object], dict] = _nothing
     hf_defaults: dict = field(default_factory=dict)  # config.json values transformers assumes when a key is absent
-    # config.json -> ModelConfig fields the family reads its own way (gemma_fields below); may raise LeanLMError
-    read_hf: Callable[[dict, str], dict] = _no_fields
-    write_hf: Callable[[object], dict] = _no_keys  # ModelConfig -> the config.json keys of those fields
 
 
 # ---- Gemma 2 / Gemma 3 (text) -------------------------------------------------------------------
@@ -56,9 +56,9 @@ def _rope_dict(p: dict | None) -> dict | None:
     return None if p.get("rope_type", p.get("type", "default")) == "default" else p
 
 
-def _gemma_fields(d: dict, source: str, gemma3: bool) -> dict:
+def _gemma_fields(d: dict, gemma3: bool) -> dict:
     if d.get("use_bidirectional_attention"):
-        raise LeanLMError(f"{source}: use_bidirectional_attention=true is not supported; leanlm runs causal Gemma "
+        raise LeanLMError("use_bidirectional_attention=true is not supported; leanlm runs causal Gemma "
                           "(set it to false)")
     n = int(d["num_hidden_layers"])
     pattern = int(d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6 if gemma3 else 2)))
@@ -107,12 +107,14 @@ def _phi3_load(sd: dict, cfg) -> dict:
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         nh, nkv = cfg.heads(i)
-        qkv = sd.pop(p + "self_attn.qkv_proj.weight", None)
-        if qkv is not None:
+        qkv = sd.get(p + "self_attn.qkv_proj.weight")
+        if isinstance(qkv, torch.Tensor):  # (a name-only pass, as the quantizing loader makes, keeps it fused)
+            del sd[p + "self_attn.qkv_proj.weight"]
             q, k, v = qkv.split([nh * cfg.head_dim, nkv * cfg.head_dim, nkv * cfg.head_dim])
             sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"] = q, k, v
-        gu = sd.pop(p + "mlp.gate_up_proj.weight", None)
-        if gu is not None:
+        gu = sd.get(p + "mlp.gate_up_proj.weight")
+        if isinstance(gu, torch.Tensor):
+            del sd[p + "mlp.gate_up_proj.weight"]
             sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = gu.chunk(2)
     return sd
 
@@ -130,13 +132,13 @@ def _phi3_save(sd: dict, cfg) -> dict:
     return sd
 
 
-def _phi3_fields(d: dict, source: str) -> dict:
+def _phi3_fields(d: dict, num_layers: int) -> dict:
     rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind in ("su", "yarn"):  # transformers reads Phi-3's older names as LongRoPE
         kind = "longrope"
     if kind not in ("default", "longrope"):
-        raise LeanLMError(f"{source}: rope type {kind!r} is not one Phi-3 runs; supported: default, longrope")
+        raise LeanLMError(f"rope type {kind!r} is not one Phi-3 runs; supported: default, longrope")
     out = {"partial_rotary_factor": float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
            "sliding_window": d.get("sliding_window")}
     if kind == "longrope":
@@ -145,7 +147,7 @@ def _phi3_fields(d: dict, source: str) -> dict:
         for key in ("short_factor", "long_factor"):
             v = rp.get(key)
             if not isinstance(v, list) or len(v) != half:
-                raise LeanLMError(f"{source}: LongRoPE needs rope_parameters.{key}, a list of {half} numbers "
+                raise LeanLMError(f"LongRoPE needs rope_parameters.{key}, a list of {half} numbers "
                                   f"(half the rotary dimension); got {v!r:.60}")
         scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor", "type")}
         scaling["rope_type"] = "longrope"
@@ -173,17 +175,29 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("qwen2", "Qwen2ForCausalLM", "qwen2", fixed={"attention_bias": True, "attention_out_bias": False},
            out_bias_follows_qkv=False, sliding_flag="use_sliding_window"),
     Family("qwen3", "Qwen3ForCausalLM", "qwen3", fixed={"qk_norm": True}, sliding_flag="use_sliding_window"),
+    # mixtures of experts (leanlm/model/moe.py). llama.cpp writes Mixtral as "llama" with expert tensors.
+    Family("mixtral", "MixtralForCausalLM", "llama", fixed={"norm_topk_prob": True},
+           load_keys=moe.mixtral_load_keys, save_keys=moe.mixtral_save_keys,
+           read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=True), write_config=moe.write_mixtral),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", out_bias_follows_qkv=False,
+           sliding_flag="use_sliding_window", load_keys=moe.split_fused_experts,
+           read_config=lambda d, n: {**moe.read_moe_config(d, n, norm_default=False),
+                                     "attention_bias": bool(d.get("qkv_bias", True)), "attention_out_bias": False},
+           write_config=lambda c: {**moe.write_moe_config(c), "qkv_bias": c.attention_bias}),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", fixed={"qk_norm": True}, sliding_flag="use_sliding_window",
+           load_keys=moe.split_fused_experts, read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=False),
+           write_config=moe.write_moe_config),
     # GGUF names (llama.cpp): "gemma2", "gemma3", "phi3". None until their tensor maps exist (llama.cpp also
     # stores Gemma's norms as 1 + w and Phi-3's q/k/v fused): reading them with Llama's map would load a
     # model that computes something else, so the reader refuses them.
     Family("gemma2", "Gemma2ForCausalLM", None, layout=GEMMA, fixed=_GEMMA_FIXED, hf_defaults=_GEMMA_DEFAULTS,
-           read_hf=lambda d, src: _gemma_fields(d, src, gemma3=False), write_hf=_gemma_hf),
+           read_config=lambda d, n: _gemma_fields(d, gemma3=False), write_config=_gemma_hf),
     Family("gemma3_text", "Gemma3ForCausalLM", None, layout=GEMMA, fixed={**_GEMMA_FIXED, "qk_norm": True},
-           hf_defaults=_GEMMA_DEFAULTS, read_hf=lambda d, src: _gemma_fields(d, src, gemma3=True), write_hf=_gemma_hf),
+           hf_defaults=_GEMMA_DEFAULTS, read_config=lambda d, n: _gemma_fields(d, gemma3=True), write_config=_gemma_hf),
     Family("phi3", "Phi3ForCausalLM", None, fixed={"attention_bias": False, "attention_out_bias": False,
                                                      "mlp_bias": False},
-           hf_defaults={"rms_norm_eps": 1e-5}, load_keys=_phi3_load, save_keys=_phi3_save, read_hf=_phi3_fields,
-           write_hf=_phi3_hf),
+           hf_defaults={"rms_norm_eps": 1e-5}, load_keys=_phi3_load, save_keys=_phi3_save, read_config=_phi3_fields,
+           write_config=_phi3_hf),
 ]}
 
 
