@@ -2,7 +2,6 @@
 cached and batched decoding, the loader's key maps both ways, RTN/GPTQ/AWQ recipes, LoRA vs peft, bad input."""
 import copy
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -191,6 +190,7 @@ def test_quantize_on_load_splits_fused_phi3_weights_first(tmp_path, tokenizer):
 def test_smoothing_folds_keep_the_function():
     """Every (norm or up-projection -> linears) group the layout names, folded with a random per-channel
     scale, leaves the logits unchanged: the right norm feeds each group and (1 + w) folds correctly."""
+    from leanlm.compress.calibrate import BlockContext
     from leanlm.compress.quant.int8 import fold_scales, smoothing_groups
     from leanlm.model.layout import blocks
 
@@ -201,8 +201,8 @@ def test_smoothing_folds_keep_the_function():
             ref = m(ids)
             g = torch.Generator().manual_seed(0)
             for i, block in enumerate(blocks(m)):
-                for prev, how, rel in smoothing_groups(SimpleNamespace(model=m, block=block, index=i)):
-                    lins = [block.get_submodule(r) for r in rel]
+                for prev, how, names in smoothing_groups(BlockContext(m, block, i, [], [])):
+                    lins = [m.get_submodule(n) for n in names]
                     s = torch.rand(lins[0].in_features, generator=g) * 3 + 0.3
                     fold_scales(prev, how, lins, s)
             assert close(m(ids), ref), case
