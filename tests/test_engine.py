@@ -203,6 +203,18 @@ def test_sliding_window_model():
     check_equal(m, eng, prompts(4, 5, 20, seed=12), 10)
 
 
+def test_gemma_local_and_global_layers():
+    """Gemma 2: sliding-window and global layers in one model, soft-capped attention and logits; the
+    paged masks per layer type give plain greedy decoding's tokens (chunked prefill past the window)."""
+    from conftest import tiny_hf, to_leanlm
+
+    m = to_leanlm(tiny_hf("gemma2", max_position_embeddings=512, attn_logit_softcapping=3.0,
+                          final_logit_softcapping=6.0))
+    assert m.config.layer_types == ["sliding_attention", "full_attention"] and m.config.sliding_window == 6
+    eng = Engine(m, block_size=4, num_blocks=64, max_batch_tokens=10)
+    check_equal(m, eng, prompts(4, 5, 20, seed=12), 10)
+
+
 @pytest.mark.slow
 def test_default_model_engine_matches_plain_generation(default_model):
     """SmolLM2-135M: batched engine output (chunked prefill, shared prefix) equals plain greedy generation."""

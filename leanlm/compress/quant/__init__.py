@@ -23,5 +23,5 @@ METHODS: dict[str, tuple[type, Method]] = {
                                       replaces=True)),
 }
 
-__all__ = ["METHODS", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
+__all__ = ["QuantEmbedding", "METHODS", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
            "AWQConfig", "NF4Config", "SmoothQuantConfig", "LLMInt8Config"]
