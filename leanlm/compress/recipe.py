@@ -17,7 +17,8 @@ A file may also be a mapping with a `steps:` list. Methods come from plain dicts
 against the model (unknown method, unknown field, bad value, target matching nothing) before any
 work starts; errors name the recipe file and line. Targets are regexes searched in full module names
 (the family's names: leanlm/model/layout.py); the default targets every Linear inside the decoder
-blocks (so the output head and the embedding stay in full precision).
+blocks (so the output head and the embedding stay in full precision, and so do MoE routers: the
+layout's router group).
 """
 from __future__ import annotations
 
@@ -173,6 +174,9 @@ def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:
         cfg = build_config(cls, fields, where)
         layer_types = how.layer_types if isinstance(how, Method) else (nn.Linear,)
         modules = select_modules(model, s.targets, s.ignore, layer_types)
+        if s.targets == DEFAULT_TARGETS:  # by default MoE routers stay in full precision (tiny; a flip reroutes)
+            routers = set(all_block_linears(model, "router"))
+            modules = [n for n in modules if n not in routers]
         if not modules:
             key = "targets" if "targets" in s.field_lines else "method"
             raise LeanLMError(f"{where(key)}: targets {s.targets} (ignoring {s.ignore}) match no layer of this "
