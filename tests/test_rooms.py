@@ -180,3 +180,14 @@ def test_method_entries_are_plain():
         p.requires_grad_(False)
     peft.apply(m2, "mezo")
     assert all(p.requires_grad for p in m2.parameters())
+
+
+def test_kv_policies_are_a_table():
+    from leanlm.infer.kv_evict import POLICIES, EvictingKVCache, make_cache
+
+    m, _ = tiny_llama()
+    _one_line(lambda: make_cache(m, "lru", budget=8), r"unknown KV eviction policy 'lru'; known: full, h2o")
+    _one_line(lambda: make_cache(m, "streaming", budget=8, recent=2), r"'streaming': unknown field 'recent'.*budget, sink")
+    c = make_cache(m, "scissorhands", budget=16, history=8)
+    assert isinstance(c, EvictingKVCache) and c.policy == "scissorhands" and c.budget == 16
+    assert set(POLICIES) == {"full", "streaming", "h2o", "scissorhands"}
