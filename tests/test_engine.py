@@ -176,7 +176,7 @@ def test_matches_plain_generation_sampled(model):
 
 
 def test_bench_concurrency_runs(model):
-    from leanlm.infer.engine import bench_concurrency
+    from leanlm.eval.concurrency import bench_concurrency
 
     r = bench_concurrency(model, prompts(6, seed=11), max_new_tokens=5, concurrency=(1, 4),
                           engine_kwargs=dict(block_size=4, num_blocks=64))

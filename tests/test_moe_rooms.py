@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from conftest import greedy_reference, tiny_moe, to_leanlm
-from leanlm.compress.quant.gptq import RTNConfig, rtn_solve
+from leanlm.compress.quant.rtn import RTNConfig, rtn_solve
 from leanlm.compress.quant.qlinear import QuantLinear
 from leanlm.compress.recipe import apply_recipe, parse_recipe
 from leanlm.model.layout import block_prefix, layout_of
@@ -108,7 +108,7 @@ def test_smoothing_fold_keeps_moe_block_function(kind):
     """Scales folded into the norm must be undone in the router and every expert (the layout's smoothing
     group); leaving the router out reroutes tokens."""
     from leanlm.compress.calibrate import BlockContext
-    from leanlm.compress.quant.int8 import fold_scales, smoothing_groups
+    from leanlm.compress.quant.smoothquant import fold_scales, smoothing_groups
     from leanlm.model.layout import blocks
 
     m = to_leanlm(tiny_moe(kind))
@@ -146,7 +146,7 @@ def test_smoothquant_on_moe(qwen2):
 
 def test_smoothing_groups_include_router_and_every_expert(qwen2):
     from leanlm.compress.calibrate import BlockContext
-    from leanlm.compress.quant.int8 import smoothing_groups
+    from leanlm.compress.quant.smoothquant import smoothing_groups
     from leanlm.model.layout import blocks
 
     lay = layout_of(qwen2)

@@ -52,12 +52,6 @@ class StructuredConfig:
             raise LeanLMError(f"head_ratio {self.head_ratio}: expected a fraction in [0, 1)")
 
 
-@dataclass
-class LayerDropConfig:
-    num_blocks: int = 4  # blocks removed, the most redundant (highest input/output cosine) first
-    skip_last: int = 1  # never drop the last blocks (they shape the output distribution)
-
-
 # ---------------------------------------------------------------- importance
 def _group_cols(attn, g: int) -> slice:
     per = attn.nh // attn.nkv * attn.hd
