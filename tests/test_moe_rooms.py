@@ -163,7 +163,6 @@ def test_pruning_experts_with_unused_ones(qwen2, method):
     m = copy.deepcopy(qwen2)
     unused, _ = unused_experts(m, ONE_TOKEN)
     apply_recipe(m, parse_recipe(f"- method: {method}\n  sparsity: 0.5"), ONE_TOKEN, progress=False)
-    lay = layout_of(m)
     for n in expert_names(m, 0):
         w = m.get_submodule(n).weight
         assert torch.isfinite(w).all() and abs(float((w == 0).float().mean()) - 0.5) < 0.02, n

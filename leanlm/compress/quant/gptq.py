@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from leanlm.compress.quant.grid import grid_params, pruned_mask, quantize_codes, rtn_quantize
+from leanlm.compress.quant.grid import grid_params, pruned_mask, quantize_codes
 from leanlm.compress.quant.qlinear import QuantLinear
 from leanlm.compress.quant.rtn import RTNConfig, rtn_solve
 
