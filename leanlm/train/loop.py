@@ -169,7 +169,12 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
     if mezo:
         opt = MeZO(params, lr=cfg.lr, eps=cfg.mezo_eps, weight_decay=cfg.weight_decay)
     else:
-        opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.betas)
+        # a parameter may carry `lr_scale` (its learning rate relative to cfg.lr): one group per scale
+        scales: dict[float, list] = {}
+        for p in params:
+            scales.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+        groups = [{"params": ps, "lr_scale": s} for s, ps in scales.items()]
+        opt = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     log = out / "log.jsonl" if out else None
     step, position = 0, 0
@@ -197,7 +202,7 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
         while step < cfg.max_steps:
             lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             ts = time.perf_counter()
             tokens = 0
             if mezo:
