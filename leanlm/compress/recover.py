@@ -88,7 +88,7 @@ def windows(samples: torch.Tensor, seq_len: int) -> list[dict]:
             for i in range(0, len(flat) - 1, seq_len) if len(flat[i:i + seq_len]) > 1]
 
 
-def distill_step(model, cfg: DistillStepConfig, modules, samples, original=None) -> None:
+def distill_step(model, cfg: DistillStepConfig, modules, samples, original=None, callback=None) -> None:
     if original is None:
         raise LeanLMError("the distill step needs the model as it was before the recipe (run it through "
                           "apply_recipe, which keeps that copy)")
@@ -99,7 +99,7 @@ def distill_step(model, cfg: DistillStepConfig, modules, samples, original=None)
     try:
         if not any(p.requires_grad for p in model.parameters()):
             raise LeanLMError("the distill step found nothing to train (train_float and train_scales are off)")
-        distill(model, original, data, cfg, progress=cfg.progress)
+        distill(model, original, data, cfg, progress=cfg.progress, callback=callback)
     finally:
         undo()
         model.eval()
