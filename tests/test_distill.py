@@ -164,3 +164,53 @@ def test_unknown_distill_field_is_a_recipe_error(tmp_path):
     f.write_text("- method: rtn\n  bits: 4\n  group_size: 32\n- method: distill\n  loss: kl\n")
     with pytest.raises(LeanLMError, match="r.yaml:5"):
         resolve(load_recipe(str(f)), to_leanlm(tiny_hf(seed=0)))
+
+
+@pytest.mark.parametrize("sym,g", [(False, 32), (True, 16), (False, 0), (False, 24)])
+def test_fake_quantize_is_the_rtn_grid_with_identity_gradient(sym, g):
+    from leanlm.compress.qat import fake_quantize
+    from leanlm.compress.quant.grid import dequantize, rtn_quantize
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    wq = fake_quantize(w, 3, g, sym)
+    codes, s, o = rtn_quantize(w.detach(), 3, g, sym)
+    torch.testing.assert_close(wq.detach(), dequantize(codes, s, o, g if g else 64), atol=1e-6, rtol=0)
+    (wq * torch.arange(64.0)).sum().backward()
+    torch.testing.assert_close(w.grad, torch.arange(64.0).expand(8, 64))
+
+
+def test_qat_recipe_by_name_converts_to_packed_and_beats_rtn():
+    from leanlm.compress.qat import FakeQuantLinear
+    from leanlm.compress.quant import QuantLinear
+    from leanlm.compress.recipe import apply_recipe, load_recipe
+
+    model, original, samples, _ = _recipe_run("")
+    rtn = copy.deepcopy(model)
+    apply_recipe(rtn, load_recipe("w3a16-rtn-g32"), samples, progress=False)
+    r = load_recipe("w3a16-qat-g32")
+    assert [(s.method, s.fields) for s in r.steps] == [("qat", {"bits": 3, "group_size": 32})]
+    r.steps[0].fields.update(steps=25, lr=2e-3, batch_size=4, seq_len=32, progress=False)
+    seen = {}
+
+    def spy(step, loss):  # just before conversion: the fake-quantized model's logits
+        if step == 25:
+            with torch.no_grad():
+                seen["logits"] = model(samples[:2])
+            seen["fakes"] = sum(isinstance(m, FakeQuantLinear) for m in model.modules())
+    import leanlm.compress.qat as qat
+    orig = qat.distill_step
+    qat.distill_step = lambda *a, **k: orig(*a, **{**k, "callback": spy})
+    try:
+        apply_recipe(model, r, samples, progress=False)
+    finally:
+        qat.distill_step = orig
+    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(q) == seen["fakes"] == sum(isinstance(m, QuantLinear) for m in rtn.modules()) and q[0].bits == 3
+    QuantLinear.fast = False
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(samples[:2]), seen["logits"], atol=1e-4, rtol=1e-4)
+    finally:
+        QuantLinear.fast = True
+    data = [{"input_ids": r.tolist()} for r in samples]
+    assert mean_kl(model, original, data) < 0.8 * mean_kl(rtn, original, data)

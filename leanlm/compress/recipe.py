@@ -69,7 +69,8 @@ def registry() -> dict:
     from leanlm.compress.quant import METHODS
 
     reg = dict(METHODS)
-    for mod in ("leanlm.compress.prune", "leanlm.compress.lowrank", "leanlm.compress.recover"):
+    for mod in ("leanlm.compress.prune", "leanlm.compress.lowrank", "leanlm.compress.recover",
+                "leanlm.compress.qat"):
         try:
             m = importlib.import_module(mod)
         except ImportError:
