@@ -61,16 +61,24 @@ def read_source(spec: str, what: str) -> str:
     return read_text(spec)
 
 
+def check_data(spec: str) -> None:
+    """Bad --data stops here, before any model is loaded."""
+    if spec.startswith("packaged:"):
+        from leanlm.data.text import packaged_path
+
+        name = spec.split(":", 1)[1]
+        if name in ("eval", "tech"):
+            raise LeanLMError(f"{spec} is a held-out evaluation text; train on packaged:calib or your own file")
+        packaged_path(name)
+    elif not Path(spec).is_file():
+        raise LeanLMError(f"{spec}: no such data file; give a .txt/.jsonl file or packaged:calib")
+
+
 def training_examples(spec: str, tok, seq_len: int) -> list[dict]:
     from leanlm.data.instruct import load_examples, text_examples
 
     if spec.startswith("packaged:"):
-        name = spec.split(":", 1)[1]
-        if name in ("eval", "tech"):
-            raise LeanLMError(f"{spec} is a held-out evaluation text; train on packaged:calib or your own file")
         return text_examples(read_source(spec, "data"), tok, seq_len)
-    if not Path(spec).is_file():
-        raise LeanLMError(f"{spec}: no such data file; give a .txt/.jsonl file or packaged:calib")
     return load_examples(spec, tok, max_len=seq_len, seq_len=seq_len)
 
 
@@ -108,8 +116,7 @@ def run(args) -> int:
     eval_text = None if args.no_eval else read_source(args.eval_text, "evaluation text")
     if eval_text is not None and args.eval_chars:
         eval_text = eval_text[: args.eval_chars]
-    if not args.data.startswith("packaged:") and not Path(args.data).is_file():
-        raise LeanLMError(f"{args.data}: no such data file; give a .txt/.jsonl file or packaged:calib")
+    check_data(args.data)
     quant = int8_teacher_hook if args.teacher_int8 else None
     teacher, t_tok = (None, None) if args.loss == "ce" and args.student else leanlm.load(
         args.teacher, dtype=torch.float32, quantize=quant, progress=sys.stderr.isatty())
