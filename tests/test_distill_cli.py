@@ -45,3 +45,18 @@ def test_distill_cli_runs_and_resumes(tmp_path, capsys, monkeypatch, pair):
     # resuming a finished run does no more steps
     assert main(args + ["--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4
+
+
+def test_seqkd_generations_continue_prompts_and_mask_them():
+    from conftest import to_leanlm
+    from leanlm.train.distill_cli import teacher_generations
+
+    teacher = to_leanlm(tiny_hf(seed=0))
+    data = [{"input_ids": list(range(i, i + 20)), "labels": list(range(i, i + 20))} for i in range(5)]
+    gens = teacher_generations(teacher, data, 6, 4, 7, seed=1, eos=[])
+    assert len(gens) == 6
+    for ex in gens:
+        assert len(ex["input_ids"]) == 4 + 7 and ex["labels"][:4] == [-100] * 4
+        assert ex["labels"][4:] == ex["input_ids"][4:]
+        assert any(ex["input_ids"][:4] == d["input_ids"][:4] for d in data)
+    assert gens == teacher_generations(teacher, data, 6, 4, 7, seed=1, eos=[])  # same seed, same data

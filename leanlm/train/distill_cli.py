@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
 import time
 from pathlib import Path
 
@@ -36,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=1024, help="labelled positions per head projection")
     p.add_argument("--topk", type=int, default=0,
                    help="offline teacher: cache its top-k log-probs once in OUT/teacher-topk.safetensors")
+    p.add_argument("--seqkd", type=int, default=0, metavar="N",
+                   help="sequence-level KD: add N teacher generations (sampled, prompts cut from the data) to the data")
+    p.add_argument("--seqkd-prompt", type=int, default=16, help="prompt tokens per generation")
+    p.add_argument("--seqkd-tokens", type=int, default=96, help="new tokens per generation")
     p.add_argument("--teacher-int8", action="store_true", help="hold the teacher's linears as int8 (less memory)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -82,6 +88,31 @@ def training_examples(spec: str, tok, seq_len: int) -> list[dict]:
     return load_examples(spec, tok, max_len=seq_len, seq_len=seq_len)
 
 
+def teacher_generations(teacher, data: list[dict], n: int, prompt_len: int, new_tokens: int, seed: int,
+                        eos: list[int] | None, batch: int = 8) -> list[dict]:
+    """Sequence-level KD data: the teacher continues n prompts cut from the training examples (sampled at
+    temperature 1 with a seed); the prompt is not trained on, the continuation is."""
+    from leanlm.infer.generate import generate_tokens
+    from leanlm.infer.sampling import GenerationConfig
+
+    prompts = [ex["input_ids"][:prompt_len] for ex in data if len(ex["input_ids"]) > prompt_len]
+    if not prompts:
+        raise LeanLMError(f"--seqkd: no training example is longer than --seqkd-prompt={prompt_len} tokens")
+    g = torch.Generator().manual_seed(seed)
+    prompts = [prompts[int(i)] for i in torch.randint(0, len(prompts), (n,), generator=g)]
+    out = []
+    for i in range(0, n, batch):
+        chunk = prompts[i:i + batch]
+        cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, seed=seed + i, stop_token_ids=eos)
+        gens: list[list[int]] = [[] for _ in chunk]
+        for step in generate_tokens(teacher, chunk, cfg):
+            for j, t in enumerate(step):
+                if t is not None:
+                    gens[j].append(t)
+        out += [{"input_ids": p + g_, "labels": [-100] * len(p) + g_} for p, g_ in zip(chunk, gens) if g_]
+    return out
+
+
 def int8_teacher_hook(name: str, weight, bias):
     """leanlm.load's quantize hook: the teacher's block linears as int8 rows (per-channel symmetric)."""
     from leanlm.compress.quant.grid import rtn_quantize
@@ -95,8 +126,6 @@ def int8_teacher_hook(name: str, weight, bias):
 
 
 def run(args) -> int:
-    import torch
-
     import leanlm
     from leanlm.compress.recover import DistillStepConfig, make_trainable
     from leanlm.report import emit_json, print_table
@@ -125,6 +154,11 @@ def run(args) -> int:
         check_pair(student, s_tok, teacher, t_tok, f"student {args.student or '(copy)'}",
                    f"teacher {args.teacher or '(default model)'}")
     data = training_examples(args.data, s_tok, args.seq_len)
+    if args.seqkd:
+        if teacher is None:
+            raise LeanLMError("--seqkd needs a teacher")
+        data = data + teacher_generations(teacher, data, args.seqkd, args.seqkd_prompt, args.seqkd_tokens,
+                                          args.seed, getattr(t_tok, "eos_ids", None))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
