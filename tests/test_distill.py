@@ -36,10 +36,12 @@ def test_distill_moves_student_towards_teacher(loss):
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
-def test_distill_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("on_policy", [0.0, 0.5])
+def test_distill_resume_is_exact(tmp_path, on_policy):
     teacher = to_leanlm(tiny_hf(seed=0))
     data = _data()
-    cfg = DistillConfig(loss="jsd", steps=6, lr=1e-3, batch_size=4, chunk=16)
+    cfg = DistillConfig(loss="jsd", steps=6, lr=1e-3, batch_size=4, chunk=16, on_policy=on_policy,
+                        on_policy_prompt=5, on_policy_tokens=6)
     ref = to_leanlm(tiny_hf(seed=1))
     distill(ref, teacher, data, cfg, progress=False)
 
@@ -214,3 +216,20 @@ def test_qat_recipe_by_name_converts_to_packed_and_beats_rtn():
         QuantLinear.fast = True
     data = [{"input_ids": r.tolist()} for r in samples]
     assert mean_kl(model, original, data) < 0.8 * mean_kl(rtn, original, data)
+
+
+def test_student_samples_match_sampling_without_cache():
+    from leanlm.train.distill import student_samples
+
+    model = to_leanlm(tiny_hf(seed=0))
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    got, labels = student_samples(model, ids, 4, 6)
+    torch.manual_seed(7)
+    seq = ids[:, :4]
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = torch.multinomial(torch.softmax(model(seq)[:, -1].float(), -1), 1)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(got, seq)
+    assert (labels[:, :4] == -100).all() and torch.equal(labels[:, 4:], seq[:, 4:])

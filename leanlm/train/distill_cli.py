@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=1024, help="labelled positions per head projection")
     p.add_argument("--topk", type=int, default=0,
                    help="offline teacher: cache its top-k log-probs once in OUT/teacher-topk.safetensors")
+    p.add_argument("--lmbda", type=float, default=0.0,
+                   help="on-policy GKD: share of batches the student samples itself (teacher scores them)")
     p.add_argument("--seqkd", type=int, default=0, metavar="N",
                    help="sequence-level KD: add N teacher generations (sampled, prompts cut from the data) to the data")
     p.add_argument("--seqkd-prompt", type=int, default=16, help="prompt tokens per generation")
@@ -140,6 +142,7 @@ def run(args) -> int:
                             steps=args.steps, lr=args.lr, scales_lr=args.scales_lr, batch_size=args.batch_size,
                             grad_accum=args.grad_accum, seq_len=args.seq_len, warmup=args.warmup, bf16=args.bf16,
                             grad_checkpointing=args.grad_checkpointing, chunk=args.chunk, topk=args.topk,
+                            on_policy=args.lmbda,
                             seed=args.seed)
     cfg.validate()
     eval_text = None if args.no_eval else read_source(args.eval_text, "evaluation text")
