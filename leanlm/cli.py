@@ -14,6 +14,7 @@ from leanlm.errors import LeanLMError
 EXTERNAL = {
     "compress": ("leanlm.compress.cli", "compress a model with a recipe (quantize, prune, low-rank)"),
     "finetune": ("leanlm.peft.cli", "parameter-efficient fine-tuning (LoRA, DoRA, QLoRA, ...)"),
+    "distill": ("leanlm.train.distill_cli", "knowledge distillation from a frozen teacher (KL, reverse KL, JSD)"),
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
     "pretrain": ("leanlm.train.pretrain_cli", "pre-train from random init or continue (FSDP2 under torchrun)"),
 }

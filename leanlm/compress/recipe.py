@@ -69,9 +69,9 @@ def needs_data(cls, how) -> bool:
 
 
 def registry() -> dict:
-    from leanlm.compress import lowrank, prune, quant
+    from leanlm.compress import lowrank, prune, qat, quant, recover
 
-    return {**quant.METHODS, **prune.METHODS, **lowrank.METHODS}
+    return {**quant.METHODS, **prune.METHODS, **lowrank.METHODS, **recover.METHODS, **qat.METHODS}
 
 
 def builtin_names() -> list[str]:
@@ -93,7 +93,13 @@ def load_recipe(name_or_path: str) -> Recipe:
     """A built-in name, a `w{bits}a16-{method}-g{size}[-e8]` name, or a YAML file path.
 
     `-e8` adds a step that stores the embedding as int8 rows (one scale each, like GGUF's Q8_0
-    embedding); with tied embeddings the output head then runs from that table with the int8 kernel."""
+    embedding); with tied embeddings the output head then runs from that table with the int8 kernel.
+    A `+distill` suffix on any name adds a last step that recovers the compressed model by distillation
+    from the model as it was before the recipe (leanlm/compress/recover.py)."""
+    if name_or_path.endswith("+distill"):
+        base = load_recipe(name_or_path[: -len("+distill")])
+        line = max((s.line for s in base.steps), default=0) + 1
+        return Recipe(f"{base.source} + distill", base.steps + [RawStep("distill", {}, list(DEFAULT_TARGETS), [], line)])
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
@@ -201,6 +207,11 @@ def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:
 def apply_recipe(model, recipe: Recipe, samples=None, progress: bool = True) -> list[Step]:
     """Validate all steps, then run them in order: runs of Method steps share one block-by-block walk."""
     resolved = resolve(recipe, model)
+    original = None  # the model before the recipe, for steps that learn from it (distill)
+    if any(getattr(how, "wants_original", False) for _, how in resolved):
+        import copy
+
+        original = copy.deepcopy(model).eval()
     batch: list[Step] = []
     for step, how in resolved:
         if isinstance(how, Method):
@@ -209,7 +220,10 @@ def apply_recipe(model, recipe: Recipe, samples=None, progress: bool = True) -> 
         if batch:
             run_steps(model, batch, samples, progress)
             batch = []
-        how(model, step.cfg, step.modules, samples)
+        if getattr(how, "wants_original", False):
+            how(model, step.cfg, step.modules, samples, original=original)
+        else:
+            how(model, step.cfg, step.modules, samples)
     if batch:
         run_steps(model, batch, samples, progress)
     return [s for s, _ in resolved]

@@ -202,7 +202,12 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
         from leanlm.model.layout import EMBED, HEAD
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.betas, named=named,
+        # a parameter may carry `lr_scale` (its learning rate relative to cfg.lr): one group per scale
+        scales: dict[float, list] = {}
+        for p in params:
+            scales.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+        groups = params if list(scales) == [1.0] else [{"params": ps, "lr_scale": s} for s, ps in scales.items()]
+        opt = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.betas, named=named,
                              keep_adam=tuple(n for n in (EMBED, HEAD)))
     rank, world = _world()
     if cfg.batch_size % world:
@@ -236,7 +241,7 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
             lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule,
                        cfg.decay_fraction)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             ts = time.perf_counter()
             tokens = 0
             if mezo:

@@ -1,0 +1,110 @@
+"""The `distill` recipe step: win back what the earlier steps lost, from the model as it was before them.
+
+The teacher is a copy of the model taken before the recipe's first step (the recipe runner makes it
+when a recipe holds a distill step). What trains, with the teacher's distributions as targets
+(leanlm.train.distill, forward KL by default):
+- float weights: every float parameter (linears, norms, the embedding/head), except that weights a
+  pruning step set to zero stay zero (their gradient is masked, so sparsity and 2:4 patterns survive);
+- quantized linears (`QuantLinear`): the integer codes stay frozen and the per-group scales and offsets
+  train (end-to-end training of the quantization parameters, as EfficientQAT's E2E-QP does); they are
+  stored back in fp16, so the model keeps its packed format and speed.
+The training text is the recipe's calibration samples (`leanlm compress --samples N --seq-len L`),
+cut into windows of `seq_len` tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from leanlm.compress.quant.grid import MASK_MIN_FRACTION
+from leanlm.compress.quant.qlinear import QuantLinear
+from leanlm.errors import LeanLMError
+from leanlm.train.distill import DistillConfig, distill
+
+
+@dataclass
+class DistillStepConfig(DistillConfig):
+    steps: int = 200
+    lr: float = 5e-5  # float weights
+    scales_lr: float = 1e-5  # quantization scales/offsets (AdamW steps are absolute; scales are ~1e-2)
+    train_float: bool = True  # float weights (linears, norms, embedding) train
+    train_scales: bool = True  # quantized linears' scales and offsets train
+    progress: bool = True
+    targets: list | None = None
+    ignore: list | None = None
+
+
+def _quant_params(model) -> list[tuple[QuantLinear, list[str]]]:
+    out = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m._parts is None:
+            out.append((m, ["scales"] + ([] if m.sym else ["offsets"])))
+    return out
+
+
+def make_trainable(model, cfg: DistillStepConfig):
+    """Set requires_grad on what trains; returns an undo() that freezes again and restores packed storage."""
+    hooks, was = [], {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.train_float:
+        for p in model.parameters():
+            if not p.is_floating_point():
+                continue
+            p.requires_grad_(True)
+            zeros = p.detach() == 0
+            if p.dim() == 2 and zeros.float().mean().item() >= MASK_MIN_FRACTION:
+                keep = (~zeros).to(p.dtype)  # pruned weights: their gradient is zero, so AdamW never moves them
+                hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
+    quant = _quant_params(model) if cfg.train_scales else []
+    for m, names in quant:
+        for n in names:
+            t = getattr(m, n)
+            delattr(m, n)
+            p = nn.Parameter(t.detach().float(), requires_grad=True)
+            p.lr_scale = cfg.scales_lr / cfg.lr  # the training loop gives it its own parameter group
+            setattr(m, n, p)
+        m._kernel = None
+
+    def undo():
+        for h in hooks:
+            h.remove()
+        for m, names in quant:
+            for n in names:
+                t = getattr(m, n).detach().half()
+                delattr(m, n)
+                m.register_buffer(n, t)
+            m._kernel = None  # rebuilt from the trained scales at the next forward
+        for p, r in was.items():
+            p.requires_grad_(r)
+    return undo
+
+
+def windows(samples: torch.Tensor, seq_len: int) -> list[dict]:
+    flat = samples.reshape(-1).tolist()
+    return [{"input_ids": flat[i:i + seq_len], "labels": flat[i:i + seq_len]}
+            for i in range(0, len(flat) - 1, seq_len) if len(flat[i:i + seq_len]) > 1]
+
+
+def distill_step(model, cfg: DistillStepConfig, modules, samples, original=None, callback=None) -> None:
+    if original is None:
+        raise LeanLMError("the distill step needs the model as it was before the recipe (run it through "
+                          "apply_recipe, which keeps that copy)")
+    if samples is None:
+        raise LeanLMError("the distill step needs calibration samples as training text")
+    data = windows(samples, cfg.seq_len)
+    undo = make_trainable(model, cfg)
+    try:
+        if not any(p.requires_grad for p in model.parameters()):
+            raise LeanLMError("the distill step found nothing to train (train_float and train_scales are off)")
+        distill(model, original, data, cfg, progress=cfg.progress, callback=callback)
+    finally:
+        undo()
+        model.eval()
+
+
+distill_step.wants_original = True  # apply_recipe passes the model as it was before the recipe
+
+METHODS = {"distill": (DistillStepConfig, distill_step)}

@@ -1,0 +1,62 @@
+"""`leanlm distill` end to end on tiny GGUF models: bad input stops before any work; a run writes a student."""
+import json
+
+import pytest
+import torch
+
+import leanlm
+from conftest import tiny_hf
+from gguf_util import byte_vocab, write_tiny_gguf
+from leanlm.cli import main
+
+NV = len(byte_vocab()[0])
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("distill")
+    return (write_tiny_gguf(d / "teacher.gguf", tiny_hf("llama", vocab_size=NV, seed=4), "F32"),
+            write_tiny_gguf(d / "student.gguf", tiny_hf("llama", vocab_size=NV, seed=5), "F32"))
+
+
+def test_missing_data_file_stops_before_loading(tmp_path, capsys, monkeypatch, pair):
+    monkeypatch.setattr(leanlm, "load", lambda *a, **k: pytest.fail("loaded a model before checking the data"))
+    assert main(["distill", "--teacher", str(pair[0]), "--data", str(tmp_path / "nope.txt"),
+                 "-o", str(tmp_path / "o")]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(pair[0]), "--data", "packaged:tech", "-o", str(tmp_path / "o")]) == 2
+    assert "held-out" in capsys.readouterr().err
+
+
+def test_distill_cli_runs_and_resumes(tmp_path, capsys, monkeypatch, pair):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat. " * 200)
+    args = ["distill", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "-o",
+            str(tmp_path / "o"), "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2",
+            "--loss", "jsd", "--eval-text", str(data), "--eval-chars", "600", "--save-every", "2", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 4 and out["student_ppl_after"] != out["student_ppl"]
+    student, tok = leanlm.load(tmp_path / "o" / "model")
+    ids = torch.tensor([tok.encode("the cat sat")])
+    assert torch.isfinite(student(ids)).all()
+    assert sorted(p.name for p in (tmp_path / "o").glob("step-*")) == ["step-0000002", "step-0000004"]
+    # resuming a finished run does no more steps
+    assert main(args + ["--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4
+
+
+def test_seqkd_generations_continue_prompts_and_mask_them():
+    from conftest import to_leanlm
+    from leanlm.train.distill_cli import teacher_generations
+
+    teacher = to_leanlm(tiny_hf(seed=0))
+    data = [{"input_ids": list(range(i, i + 20)), "labels": list(range(i, i + 20))} for i in range(5)]
+    gens = teacher_generations(teacher, data, 6, 4, 7, seed=1, eos=[])
+    assert len(gens) == 6
+    for ex in gens:
+        assert len(ex["input_ids"]) == 4 + 7 and ex["labels"][:4] == [-100] * 4
+        assert ex["labels"][4:] == ex["input_ids"][4:]
+        assert any(ex["input_ids"][:4] == d["input_ids"][:4] for d in data)
+    assert gens == teacher_generations(teacher, data, 6, 4, 7, seed=1, eos=[])  # same seed, same data
