@@ -15,6 +15,7 @@ EXTERNAL = {
     "compress": ("leanlm.compress.cli", "compress a model with a recipe (quantize, prune, low-rank)"),
     "finetune": ("leanlm.peft.cli", "parameter-efficient fine-tuning (LoRA, DoRA, QLoRA, ...)"),
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
+    "board": ("leanlm.eval.board", "every recipe on one model: quality, size, speed, Pareto plots"),
 }
 
 
