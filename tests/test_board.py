@@ -84,7 +84,12 @@ def test_board_resumes_after_a_kill_then_hits_the_cache(tiny_folder, tmp_path):
     assert [r["decode_tok_s"] for r in rows2] == [r["decode_tok_s"] for r in rows]
 
     recipe.write_text("- {method: rtn, bits: 3, group_size: 16}\n")  # a changed recipe: only its row again
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Doc\n<!-- board:begin -->\nold table\n<!-- board:end -->\nafter\n")
+    cfg.update_doc = str(doc)
     rows3 = B.run_board(cfg, progress=False)
+    assert "old table" not in doc.read_text() and doc.read_text().endswith("<!-- board:end -->\nafter\n")
+    assert "| recipe | ppl eval |" in doc.read_text()
     meta = json.loads((out / "meta.json").read_text())
     assert meta["measured"] == [str(recipe)] and not meta["speed_cached"]
     assert rows3[2]["size_mb"] > rows[2]["size_mb"]  # smaller groups, more scales

@@ -60,6 +60,7 @@ class BoardConfig:
     decode_tokens: int = 32
     prefill_len: int = 256
     keep_models: bool = True
+    update_doc: str | None = None  # a markdown file whose board:begin/end block gets board.md
 
     def quality_settings(self) -> dict:
         return {k: getattr(self, k) for k in ("samples", "seq_len", "eval_chars", "ctx", "task_records", "threads")}
@@ -297,12 +298,17 @@ def run_board(cfg: BoardConfig, progress: bool = True, on_row=None) -> list[dict
                 row = {"recipe": name, "key": keys[name]}
                 if name == BASE:
                     row.update({"time_s": 0.0, "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mb": None})
-                    row.update(measure_quality(cfg, cfg.model))
-                    row["size_mb"] = row["weights_mb"]  # what an uncompressed fp32 save holds
+                    src = cfg.model
                 else:
                     f = folder(name)
                     row.update(compress_row(cfg, name, f, logs / f"{slug(name)}.log"))
-                    row.update(measure_quality(cfg, str(f)))
+                    src = str(f)
+                t0, c0 = time.perf_counter(), time.process_time()
+                row.update(measure_quality(cfg, src))
+                row["eval_s"], row["eval_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+                if name == BASE:
+                    row["size_mb"] = row["weights_mb"]  # what an uncompressed fp32 save holds
+                else:
                     row["size_mb"] = size_on_disk_mb(f)
                     atomic_write_text(f / "board_key.json", json.dumps(keys[name]))
                 atomic_write_text(rows_dir / f"{slug(name)}-{keys[name]}.json", json.dumps(row, indent=1))
@@ -314,18 +320,35 @@ def run_board(cfg: BoardConfig, progress: bool = True, on_row=None) -> list[dict
         if speed is None:
             sources = {n: (cfg.model if n == BASE else str(folder(n))) for n in cfg.recipes}
             t = pb.add_task("board: speed pass", total=cfg.rounds * len(sources))
+            t0 = time.perf_counter()
             speed = speed_pass(cfg, sources, progress=lambda: pb.advance(t))
+            speed["_pass"] = {"wall_s": time.perf_counter() - t0}
             atomic_write_text(speed_file, json.dumps(speed, indent=1))
     result = []
     for name in cfg.recipes:
         row = {**rows[name], **{k: v for k, v in speed[name].items() if not k.endswith("_runs")}}
+        row["decode_runs"], row["prefill_runs"] = speed[name]["decode_runs"], speed[name]["prefill_runs"]
         result.append(row)
     if not cfg.keep_models:
         shutil.rmtree(models_dir, ignore_errors=True)
     meta = {"model": cfg.model or "default (SmolLM2-135M-Instruct, from Q4_1 GGUF)", "code_version": code_version(),
-            "settings": asdict(cfg), "measured": todo, "speed_cached": speed_was_cached}
+            "settings": asdict(cfg), "measured": todo, "speed_cached": speed_was_cached,
+            "speed_pass_s": speed.get("_pass", {}).get("wall_s")}
     write_outputs(out, result, meta)
+    if cfg.update_doc:
+        splice_doc(Path(cfg.update_doc), out)
     return result
+
+
+def splice_doc(doc: Path, out: Path) -> None:
+    """Put board.md between the `<!-- board:begin -->` and `<!-- board:end -->` lines of a markdown file."""
+    text = doc.read_text()
+    begin, end = "<!-- board:begin -->", "<!-- board:end -->"
+    if begin not in text or end not in text:
+        raise LeanLMError(f"{doc}: no '{begin}' ... '{end}' lines to put the board between")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write_text(doc, head + begin + "\n" + (out / "board.md").read_text() + end + tail)
 
 
 # ---------------------------------------------------------------- CLI
@@ -346,6 +369,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (here and in each child)")
     p.add_argument("--no-keep-models", action="store_true",
                    help="delete the compressed folders at the end (a later change then recompresses every row)")
+    p.add_argument("--update-doc", default=None, metavar="FILE.md",
+                   help="also put the table between the <!-- board:begin/end --> lines of this markdown file")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -360,7 +385,7 @@ def run(args) -> int:
     cfg = BoardConfig(model=args.model, recipes=expand_recipes(args.recipes), out=args.output,
                       samples=args.samples, seq_len=args.seq_len, eval_chars=args.eval_chars,
                       task_records=args.task_records, threads=args.threads, rounds=args.rounds,
-                      keep_models=not args.no_keep_models)
+                      keep_models=not args.no_keep_models, update_doc=args.update_doc)
     t0 = time.perf_counter()
     rows = run_board(cfg, progress=sys.stderr.isatty() and not args.json)
     from leanlm.eval.board_report import COLUMNS, table_rows
