@@ -110,6 +110,16 @@ def test_board_rejects_bad_recipes_before_work(tmp_path):
         B.expand_recipes("w4a16-gptq-g128,not-a-recipe")
     with pytest.raises(LeanLMError, match="no recovery step"):
         B.expand_recipes("structured-20+nothing")
+
+
+def test_recovery_suffix_only_when_the_build_has_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "SUFFIXES", {"distill": tmp_path / "recover.py"})
+    with pytest.raises(LeanLMError, match="none in this build"):
+        B.split_recipe("structured-20+distill")
+    (tmp_path / "recover.py").write_text("")
+    assert B.split_recipe("structured-20+distill") == ("structured-20", ["distill"])
+    assert B.recipe_text("structured-20+distill").endswith("\n+distill")
+    assert B.recipe_text("structured-20+distill").startswith(B.recipe_text("structured-20"))
     names = B.expand_recipes("all")
     assert names[0] == "base" and "w4a16-gptq-g128-e8" in names and "nf4" in names and len(names) >= 21
 

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
+from leanlm.eval.board_measure import measure_quality, speed_pass
 from leanlm.io.atomic import atomic_write_text
 
 PKG = Path(__file__).resolve().parent.parent  # the leanlm package folder
@@ -38,10 +38,10 @@ ALL_PATTERNS = ["w4a16-rtn-g128", "w4a16-gptq-g128", "w4a16-awq-g128", "w4a16-gp
 BASE = "base"  # the uncompressed model, always the first row
 # the leanlm sources whose change can move a figure on the board (the report's own code is left out)
 CODE_DIRS = ("model", "io", "data", "compress", "infer", "train", "peft")
-CODE_FILES = ("api.py", "eval/perplexity.py", "eval/bench.py", "eval/board.py", "eval/tasks.py")
-# recovery steps run on a compressed folder after its recipe, written RECIPE+NAME: name -> function
-# (teacher source or None, student folder, output folder, config) -> argv of a leanlm command
-RECOVERY: dict = {}
+CODE_FILES = ("api.py", "eval/perplexity.py", "eval/bench.py", "eval/board_measure.py", "eval/tasks.py")
+# recipe-name suffixes that `leanlm compress` understands: NAME+distill recovers the compressed model by
+# distillation from the model before the recipe (present when leanlm/compress/recover.py is)
+SUFFIXES = {"distill": PKG / "compress" / "recover.py"}
 
 
 @dataclass
@@ -100,11 +100,11 @@ def model_identity(model: str | None) -> dict:
 
 
 def split_recipe(name: str) -> tuple[str, list[str]]:
-    """'structured-20+distill' -> ('structured-20', ['distill'])."""
+    """'structured-20+distill' -> ('structured-20', ['distill']); the whole name goes to `leanlm compress`."""
     base, *rec = name.split("+")
     for r in rec:
-        if r not in RECOVERY:
-            known = ", ".join(sorted(RECOVERY)) or "none in this build"
+        if r not in SUFFIXES or not SUFFIXES[r].is_file():
+            known = ", ".join(s for s, f in SUFFIXES.items() if f.is_file()) or "none in this build"
             raise LeanLMError(f"recipe {name!r}: no recovery step {r!r} (known: {known})")
     return base, rec
 
@@ -164,14 +164,14 @@ def _child_env() -> dict:
 
 
 def compress_row(cfg: BoardConfig, name: str, folder: Path, log: Path) -> dict:
-    """Run the recipe (and its recovery steps) in child processes; -> {time_s, peak_rss_mb, cpu_s}."""
-    base, rec = split_recipe(name)
+    """Run the recipe in a child process; -> {time_s, wall_s, cpu_s, peak_rss_mb}."""
+    split_recipe(name)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "leanlm", "compress"] + ([cfg.model] if cfg.model else []) + [
-        "--recipe", base, "-o", str(tmp), "--no-eval", "--json", "--samples", str(cfg.samples),
+        "--recipe", name, "-o", str(tmp), "--no-eval", "--json", "--samples", str(cfg.samples),
         "--seq-len", str(cfg.seq_len)] + (["--threads", str(cfg.threads)] if cfg.threads else [])
-    steps = [cmd] + [RECOVERY[r](cfg.model, str(tmp), str(tmp), cfg) for r in rec]
+    steps = [cmd]
     took, wall, rss, cpu = 0.0, 0.0, 0.0, 0.0
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as lf:
@@ -198,53 +198,6 @@ def compress_row(cfg: BoardConfig, name: str, folder: Path, log: Path) -> dict:
 
 def size_on_disk_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
-
-
-def measure_quality(cfg: BoardConfig, source) -> dict:
-    """Perplexity on the packaged evaluation and technical texts, accuracy on the packaged tasks."""
-    import leanlm
-    from leanlm.api import model_bytes
-    from leanlm.data import packaged_text
-    from leanlm.eval.perplexity import perplexity
-    from leanlm.eval.tasks import board_accuracy
-
-    model, tok = leanlm.load(source)
-    out = {"weights_mb": model_bytes(model) / 1e6, "parameters": model.num_parameters()}
-    for key, text in (("ppl_eval", "eval"), ("ppl_tech", "tech")):
-        t = packaged_text(text)
-        t = t[: cfg.eval_chars] if cfg.eval_chars else t
-        res = perplexity(model, tok, t, ctx=cfg.ctx, stride=cfg.ctx, progress=False)
-        out[key], out[key.replace("ppl", "bpb")] = res["perplexity"], res["bits_per_byte"]
-    out.update(board_accuracy(model, tok, cfg.task_records))
-    del model
-    return out
-
-
-# ---------------------------------------------------------------- the speed pass
-def speed_pass(cfg: BoardConfig, sources: dict[str, object], progress=None) -> dict[str, dict]:
-    """Batch-1 decode and prefill tokens/s of every row, loading each in turn, `rounds` times round-robin."""
-    import gc
-
-    import torch
-
-    import leanlm
-    from leanlm.eval.bench import time_decode
-
-    dec: dict[str, list[float]] = {n: [] for n in sources}
-    pre: dict[str, list[float]] = {n: [] for n in sources}
-    for r in range(cfg.rounds):
-        for name, src in sources.items():
-            model, _ = leanlm.load(src)
-            with torch.inference_mode():
-                time_decode(model, 8, 2)  # warm-up: fused and packed kernels, allocator
-                dec[name].append(1.0 / time_decode(model, cfg.prompt_len, cfg.decode_tokens, seed=r)[1])
-                pre[name].append(cfg.prefill_len / time_decode(model, cfg.prefill_len, 0, seed=100 + r)[0])
-            del model
-            gc.collect()
-            if progress:
-                progress()
-    return {n: {"decode_tok_s": statistics.median(dec[n]), "prefill_tok_s": statistics.median(pre[n]),
-                "decode_runs": dec[n], "prefill_runs": pre[n]} for n in sources}
 
 
 # ---------------------------------------------------------------- the board
