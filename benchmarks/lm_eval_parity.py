@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import torch
+    import lm_eval.models.huggingface  # noqa: F401  (registers lm-eval's own "hf" model)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
