@@ -74,18 +74,25 @@ def loglikelihood_tokens(model, requests: list[tuple[list[int], list[int]]], max
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for r, q in enumerate(seqs):
             ids[r, :len(q)] = torch.tensor(q)
-        logits = _logits(model, ids)
+        keep = min(len(q) - len(c) for q, c in zip(seqs, conts))  # first position any row scores
+        logits = _logits(model, ids, keep)
         for r, i in enumerate(idx):
             n, L = len(conts[r]), len(seqs[r])
-            lp = F.log_softmax(logits[r, L - n:L].float(), dim=-1)
+            lp = F.log_softmax(logits[r, L - n - keep:L - keep].float(), dim=-1)
             tgt = torch.tensor(conts[r])
             out[i] = (float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
     return out  # type: ignore[return-value]
 
 
-def _logits(model, ids):
+def _logits(model, ids, keep_from: int = 0):
+    """Logits of positions keep_from.. (a leanlm Transformer runs its output head on those only)."""
+    from leanlm.model.layout import HEAD
+    from leanlm.model.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        return model.get_submodule(HEAD)(model(ids, return_hidden=True)[:, keep_from:])
     out = model(ids)
-    return out.logits if hasattr(out, "logits") else out
+    return (out.logits if hasattr(out, "logits") else out)[:, keep_from:]
 
 
 def multiple_choice_accuracy(model, tok, records: list[dict], batch_size: int = 16) -> dict:
