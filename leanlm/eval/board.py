@@ -339,6 +339,10 @@ def run(args) -> int:
                       samples=args.samples, seq_len=args.seq_len, eval_chars=args.eval_chars,
                       task_records=args.task_records, threads=args.threads, rounds=args.rounds,
                       keep_models=not args.no_keep_models, update_doc=args.update_doc)
+    import signal
+
+    # a TERM (like Ctrl-C) ends the compression child too; finished rows stay cached
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.perf_counter()
     rows = run_board(cfg, progress=sys.stderr.isatty() and not args.json)
     from leanlm.eval.board_report import COLUMNS, table_rows
