@@ -86,11 +86,10 @@ def loglikelihood_tokens(model, requests: list[tuple[list[int], list[int]]], max
 
 def _logits(model, ids, keep_from: int = 0):
     """Logits of positions keep_from.. (a leanlm Transformer runs its output head on those only)."""
-    from leanlm.model.layout import HEAD
     from leanlm.model.transformer import Transformer
 
     if isinstance(model, Transformer):
-        return model.get_submodule(HEAD)(model(ids, return_hidden=True)[:, keep_from:])
+        return model.logits(model(ids, return_hidden=True)[:, keep_from:])
     out = model(ids)
     return (out.logits if hasattr(out, "logits") else out)[:, keep_from:]
 
