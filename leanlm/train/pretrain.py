@@ -259,11 +259,11 @@ def upcycle_moe(model: Transformer, num_experts: int = 8, top_k: int = 2, router
             continue
         i = block_index(name)
         rel = name[len(block_prefix(i)):]
-        exp_prefix = f"{lay.mlp}.{lay.experts}."
-        if rel.startswith(exp_prefix):
-            leaf = rel[len(exp_prefix):].split(".", 1)[1]  # the expert's gate/up/down weight
-            sd[name] = src[f"{block_prefix(i)}{lay.mlp}.{leaf}"].clone()
-        elif rel == f"{lay.mlp}.{lay.router}.weight":
+        dense_mlp = lay.mlp_prefixes(cfg, i)[0]
+        expert = next((e for e in lay.mlp_prefixes(new_cfg, i) if rel.startswith(e)), None)
+        if expert is not None:  # each expert starts as the dense MLP
+            sd[name] = src[block_prefix(i) + dense_mlp + rel[len(expert):]].clone()
+        elif rel.rpartition(".")[0] in lay.groups(new_cfg, i)["router"]:
             sd[name] = torch.randn(p.shape, generator=g) * router_std
         else:
             raise LeanLMError(f"upcycle_moe: no source for {name}")
