@@ -38,7 +38,8 @@ ALL_PATTERNS = ["w4a16-rtn-g128", "w4a16-gptq-g128", "w4a16-awq-g128", "w4a16-gp
 BASE = "base"  # the uncompressed model, always the first row
 # the leanlm sources whose change can move a figure on the board (the report's own code is left out)
 CODE_DIRS = ("model", "io", "data", "compress", "infer", "train", "peft")
-CODE_FILES = ("api.py", "eval/perplexity.py", "eval/bench.py", "eval/board_measure.py", "eval/tasks.py")
+CODE_FILES = ("api.py", "eval/perplexity.py", "eval/bench.py", "eval/describe.py", "eval/board_measure.py",
+              "eval/tasks.py")
 # recipe-name suffixes that `leanlm compress` understands: NAME+distill recovers the compressed model by
 # distillation from the model before the recipe (present when leanlm/compress/recover.py is)
 SUFFIXES = {"distill": PKG / "compress" / "recover.py"}

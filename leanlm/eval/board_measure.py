@@ -11,7 +11,7 @@ import statistics
 def measure_quality(cfg, source) -> dict:
     """Perplexity on the packaged evaluation and technical texts, accuracy on the packaged tasks."""
     import leanlm
-    from leanlm.api import model_bytes
+    from leanlm.eval.describe import model_bytes
     from leanlm.data import packaged_text
     from leanlm.eval.perplexity import perplexity
     from leanlm.eval.tasks import board_accuracy
