@@ -16,6 +16,7 @@ EXTERNAL = {
     "finetune": ("leanlm.peft.cli", "parameter-efficient fine-tuning (LoRA, DoRA, QLoRA, ...)"),
     "distill": ("leanlm.train.distill_cli", "knowledge distillation from a frozen teacher (KL, reverse KL, JSD)"),
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
+    "board": ("leanlm.eval.board", "every recipe on one model: quality, size, speed, Pareto plots"),
     "pretrain": ("leanlm.train.pretrain_cli", "pre-train from random init or continue (FSDP2 under torchrun)"),
 }
 
@@ -157,6 +158,8 @@ def cmd_eval(args) -> int:
     from leanlm.eval.perplexity import perplexity
     from leanlm.report import show
 
+    if args.tasks:
+        return _eval_tasks(args)
     if args.ctx < 2 or args.stride < 1 or args.stride > args.ctx:
         raise LeanLMError("need --ctx >= 2 and 1 <= --stride <= --ctx")
     if args.text and args.text.startswith("packaged:"):
@@ -171,6 +174,29 @@ def cmd_eval(args) -> int:
            **{k: v for k, v in res.items() if k not in ("perplexity", "bits_per_byte", "tokens")},
            "text": args.text or "packaged:eval", "ctx": args.ctx, "stride": args.stride}
     show("perplexity", res, args.json)
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    """lm-evaluation-harness tasks (the packaged leanlm_* ones run offline) on any leanlm model."""
+    import importlib.util
+
+    from leanlm.report import emit_json
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise LeanLMError("`leanlm eval --tasks` needs lm-evaluation-harness: pip install \"leanlm[lmeval]\" "
+                          "(lm_eval==0.4.13)")
+    from leanlm.eval import lm_eval_bridge
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    model, tok = load_model(args)
+    res = lm_eval_bridge.evaluate(model, tok, tasks, limit=args.limit, batch_size=args.batch_size)
+    from lm_eval.utils import make_table
+
+    print(make_table(res))
+    if args.json:
+        emit_json({"results": res["results"], "n-samples": res.get("n-samples"), "model": args.model,
+                   "adapter": args.adapter})
     return 0
 
 
@@ -243,6 +269,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--max-chars", type=int, default=None, help="evaluate only the first N characters")
+    p.add_argument("--tasks", default=None,
+                   help="lm-evaluation-harness tasks instead of perplexity, e.g. leanlm_mc,leanlm_cloze,"
+                        "leanlm_capitals (packaged, offline) or any task lm-eval has locally; needs leanlm[lmeval]")
+    p.add_argument("--limit", type=int, default=None, help="with --tasks: first N documents per task")
+    p.add_argument("--batch-size", type=int, default=16, help="with --tasks: requests per forward")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
