@@ -106,7 +106,7 @@ def test_check_pair_rejects_other_vocabulary():
 
 
 def _recipe_run(name, seed=0):
-    from leanlm.compress.recipe import apply_recipe, load_recipe
+    from leanlm.compress.recipe import load_recipe
 
     model = to_leanlm(tiny_hf(seed=seed))
     original = copy.deepcopy(model)
