@@ -35,6 +35,35 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama3_rope_freqs(cfg) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf LlamaModel.generate_extra_tensors, line for line."""
+    import math
+
+    import torch
+
+    rope = getattr(cfg, "rope_parameters", None) or cfg.rope_scaling
+    base = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = rope.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32).numpy()
+
+
 def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int | None = None,
                     tokenizer: str = "gpt2"):
     import gguf
@@ -75,6 +104,9 @@ def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int |
         w.add_eos_token_id(2)
         w.add_add_bos_token(True)
     w.add_chat_template(TEMPLATE)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type") == "llama3":  # llama.cpp writes no scaling metadata, only this tensor
+        w.add_tensor("rope_freqs.weight", llama3_rope_freqs(cfg))
     qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}

@@ -252,3 +252,28 @@ def test_default_model_rejects_wrong_checksum(tmp_path, monkeypatch):
     with pytest.raises(LeanLMError, match="refusing"):
         registry.default_gguf_path()
     assert not (tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+
+
+@pytest.mark.parametrize("orig,heads", [(64, 2), (16, 8)])
+def test_gguf_rope_freqs_keeps_llama3_scaling(tmp_path, orig, heads):
+    """llama.cpp stores Llama 3.1/3.2's RoPE scaling only as the rope_freqs tensor. With 64 the band
+    holds several dimensions (llama3 parameters recovered); with 16 (head_dim 16) only one (per-dimension
+    factors)."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": orig, "rope_theta": 10000.0}
+    hf = tiny_hf("llama", vocab_size=NV, hidden_size=128, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                 max_position_embeddings=512, rope_parameters=rope)
+    path = write_tiny_gguf(tmp_path / "m.gguf", hf, "F32")
+    m, _ = leanlm.load(path, convert_cache=False)
+    want = "llama3" if orig == 64 else "freq_factors"
+    assert m.config.rope_type == want
+    if want == "llama3":
+        got = m.config.rope_scaling
+        assert got["original_max_position_embeddings"] == 64 and got["high_freq_factor"] == 4.0
+    ids = torch.randint(0, NV, (1, 300))  # long enough that the scaling matters
+    with torch.no_grad():
+        assert (m(ids) - hf(ids).logits).abs().max() < 1e-4
+        plain = tiny_hf("llama", vocab_size=NV, hidden_size=128, num_attention_heads=heads,
+                        num_key_value_heads=heads // 2, max_position_embeddings=512)
+        plain.load_state_dict(hf.state_dict())
+        assert (m(ids) - plain(ids).logits).abs().max() > 1e-2  # ignoring rope_freqs would be caught

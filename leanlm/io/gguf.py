@@ -30,6 +30,7 @@ _NAME_MAP = {
 }
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
+ROPE_FREQS = "rope_freqs.weight"  # per-dimension RoPE frequency divisors (llama3 scaling)
 _BLK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -71,7 +72,49 @@ def read_fields(reader) -> dict:
     return out
 
 
-def config_from_fields(f: dict, tensor_names: set[str], source: str) -> ModelConfig:
+def _llama3_factors(inv: np.ndarray, factor: float, low: float, high: float, old: float) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf LlamaModel.generate_extra_tensors: the rope_freqs divisors."""
+    wl = 2 * np.pi / inv
+    smooth = (old / wl - low) / (high - low)
+    return np.where(wl < old / high, 1.0, np.where(wl > old / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+
+
+def rope_from_freq_factors(factors: np.ndarray, theta: float, dim: int) -> dict:
+    """RoPE scaling for a GGUF rope_freqs tensor (per-dimension divisors of theta's frequencies).
+
+    llama.cpp keeps Llama 3.1/3.2's "llama3" scaling only as this tensor. The llama3 parameters are
+    recovered when two or more dimensions lie in the smoothed band (they fix its two wavelength bounds;
+    low_freq_factor is then 1 and original_max_position_embeddings the long bound); they are used only
+    if they reproduce every factor, so a saved config.json keeps transformers' own type. Otherwise the
+    factors themselves are the scaling ("freq_factors"), which is exactly what llama.cpp computes."""
+    factors = np.asarray(factors, dtype=np.float64)
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    exact = {"rope_type": "freq_factors", "factors": [float(x) for x in factors.astype(np.float32)]}
+    if factors.shape != inv.shape:
+        raise LeanLMError(f"rope_freqs has {factors.size} values, head_dim {dim} needs {inv.size}")
+    f = float(factors.max())
+    band = (np.abs(factors - 1) > 1e-6) & (np.abs(factors - f) > 1e-6 * f)
+    if f <= 1 or band.sum() < 2:
+        return exact
+    u = inv[band] / (2 * np.pi)  # 1 / wavelength
+    s = (1 / factors[band] - 1 / f) / (1 - 1 / f)  # the smoothing ramp, linear in 1/wavelength
+    slope, icpt = np.polyfit(u, s, 1)
+    if slope <= 0:
+        return exact
+    x = -icpt / slope  # 1 / long-wavelength bound
+    y = x + 1 / slope  # 1 / short-wavelength bound
+    old = 1 / x
+    old = round(old) if abs(old - round(old)) < 1e-3 * old else old
+    high = old * y
+    high = round(high, 4) if abs(high - round(high, 4)) < 1e-6 * high else high
+    got = _llama3_factors(inv, f, 1.0, high, old)
+    if not np.allclose(got, factors, rtol=1e-5, atol=0):
+        return exact
+    return {"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": float(high),
+            "original_max_position_embeddings": int(old) if float(old).is_integer() else float(old)}
+
+
+def config_from_fields(f: dict, tensor_names: set[str], source: str, rope_freqs=None) -> ModelConfig:
     arch = f.get("general.architecture")
     if arch not in gguf_archs():
         raise LeanLMError(f"{source}: unsupported architecture {arch!r}; leanlm reads GGUF {', '.join(gguf_archs())}")
@@ -95,6 +138,15 @@ def config_from_fields(f: dict, tensor_names: set[str], source: str) -> ModelCon
         rope = {"rope_type": stype, "factor": float(g("rope.scaling.factor"))}
         if stype == "yarn":
             rope["original_max_position_embeddings"] = int(g("rope.scaling.original_context_length"))
+    theta = float(g("rope.freq_base", 10000.0))
+    if rope_freqs is not None:
+        if rope:
+            raise LeanLMError(f"{source}: both rope.scaling.type={stype!r} and a rope_freqs tensor; "
+                              "leanlm cannot tell which scaling applies")
+        try:
+            rope = rope_from_freq_factors(rope_freqs, theta, int(g("rope.dimension_count", head_dim)))
+        except LeanLMError as e:
+            raise LeanLMError(f"{source}: {e}") from None
     window = g("attention.sliding_window")
     model_type = family_for_gguf(arch, sliding=bool(window), source=source).model_type
     eos = f.get("tokenizer.ggml.eos_token_id")
@@ -108,7 +160,7 @@ def config_from_fields(f: dict, tensor_names: set[str], source: str) -> ModelCon
         num_kv_heads=int(g("attention.head_count_kv", n_head)),
         head_dim=int(head_dim),
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_theta=theta,
         rope_scaling=rope,
         max_position_embeddings=int(g("context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensor_names,
@@ -136,14 +188,15 @@ def load_gguf(path: str | Path, progress=None):
     reader = open_reader(path)
     fields = read_fields(reader)
     names = {t.name for t in reader.tensors}
-    cfg = config_from_fields(fields, names, str(path))
+    freqs = next((dequantize_tensor(t) for t in reader.tensors if t.name == ROPE_FREQS), None)
+    cfg = config_from_fields(fields, names, str(path), rope_freqs=freqs)
     arch = fields["general.architecture"]
     sd = {}
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
-            if t.name == "rope_freqs.weight":
-                continue  # llama3 frequency table; we compute it from the config
+            if t.name == ROPE_FREQS:
+                continue  # read into the config's RoPE scaling above
             raise LeanLMError(f"{path}: unexpected tensor {t.name!r}; this GGUF layout is not supported")
         try:
             w = dequantize_tensor(t)
