@@ -65,7 +65,9 @@ def llama3_rope_freqs(cfg) -> np.ndarray:
 
 
 def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int | None = None,
-                    tokenizer: str = "gpt2"):
+                    tokenizer: str = "gpt2", random_types: list[str] | None = None, seed: int = 0):
+    """random_types: instead of the model's weights, the matrices are random raw blocks, the i-th
+    matrix in random_types[i % len] (for types gguf can dequantize but not quantize: K- and I-quants)."""
     import gguf
 
     cfg = hf_model.config
@@ -113,6 +115,8 @@ def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int |
     sub = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    rng = np.random.default_rng(seed)
+    n_mat = 0
     for k, t in hf_model.state_dict().items():
         if k == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -126,7 +130,12 @@ def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int |
             a = permute(a, cfg.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             a = permute(a, cfg.num_key_value_heads)
-        if a.ndim == 2:
+        if a.ndim == 2 and random_types:
+            rt = random_types[n_mat % len(random_types)]
+            n_mat += 1
+            w.add_tensor(name, random_blocks(rt, *a.shape, rng),
+                         raw_dtype=getattr(gguf.GGMLQuantizationType, rt))
+        elif a.ndim == 2:
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, a)
@@ -138,3 +147,35 @@ def write_tiny_gguf(path, hf_model, qtype_name: str = "Q8_0", truncate_to: int |
         with open(path, "r+b") as f:
             f.truncate(truncate_to)
     return path
+
+
+# Byte offsets of the fp16 scales inside one block (ggml-common.h's block structs); random bytes there
+# could be inf/nan, so they get a small random scale instead. "e8m0": MXFP4's exponent byte.
+_F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
+           "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0],
+           "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0], "IQ4_NL": [0], "IQ4_XS": [0], "TQ1_0": [52],
+           "TQ2_0": [64], "MXFP4": "e8m0", "NVFP4": [], "IQ1_M": "iq1m"}
+
+
+def random_blocks(qtype_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw blocks of a GGUF quantized type with random codes and small random scales: [rows, bytes]."""
+    import gguf
+
+    qt = getattr(gguf.GGMLQuantizationType, qtype_name)
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    n = rows * cols // block
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    at = _F16_AT[qtype_name]
+    d = rng.uniform(0.002, 0.02, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
+    if at == "e8m0":
+        raw[:, 0] = rng.integers(118, 124, size=n)
+    elif at == "iq1m":  # the fp16 scale sits in the top nibbles of the last four uint16 (IQ1_M's scales)
+        sc = raw[:, -8:].copy().view(np.uint16)
+        bits = d.copy().view(np.uint16)[:, 0]
+        for i in range(4):
+            sc[:, i] = (sc[:, i] & 0x0FFF) | (((bits >> (4 * i)) & 0xF) << 12)
+        raw[:, -8:] = sc.view(np.uint8)
+    else:
+        for off in at:
+            raw[:, off:off + 2] = d
+    return raw.reshape(rows, -1)

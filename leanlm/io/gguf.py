@@ -43,20 +43,65 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def supported_names() -> str:
+    return (", ".join(sorted(_TOP)) + ", rope_freqs.weight and blk.N.{" + ",".join(_NAME_MAP) +
+            "}.{weight,bias}")
+
+
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp convert_hf_to_gguf's `permute` for q (n_head) and k (n_kv_head) rows."""
     d = w.shape[0] // n_head // 2
     return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def open_reader(path: str | Path):
+class _UnknownType(Exception):
+    pass
+
+
+def _reader_class():
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        """gguf's reader, stopping on a tensor type number it does not know with the tensor's name."""
+
+        def _build_tensors(self, start_offs, fields):
+            known = {int(t) for t in gguf.GGMLQuantizationType}
+            for fld in fields:
+                try:
+                    name, raw = bytes(fld.parts[1]).decode("utf-8", "replace"), int(fld.parts[4][0])
+                except (IndexError, TypeError, ValueError):
+                    break  # another layout of gguf's internals: let gguf check
+                if raw not in known:
+                    raise _UnknownType(f"tensor {name} has type number {raw}, unknown to gguf "
+                                       f"{getattr(gguf, '__version__', '')}".rstrip())
+            return super()._build_tensors(start_offs, fields)
+
+    return Reader
+
+
+def supported_types() -> list[str]:
+    """GGUF tensor types the installed gguf package dequantizes (probed on one zero block each)."""
+    import gguf
+
+    out = []
+    for t in gguf.GGMLQuantizationType:
+        block, size = gguf.GGML_QUANT_SIZES[t]
+        try:
+            gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), t)
+        except Exception:
+            continue
+        out.append(t.name)
+    return out
+
+
+def open_reader(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise LeanLMError(f"{path}: no such file; pass a .gguf file or a Hugging Face model folder")
     try:
-        return gguf.GGUFReader(str(path), "r")
+        return _reader_class()(str(path), "r")
+    except _UnknownType as e:
+        raise LeanLMError(f"{path}: {e}; leanlm reads {', '.join(supported_types())}") from None
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LeanLMError(f"{path}: not a readable GGUF file ({msg}); it may be truncated — download it again")
@@ -197,9 +242,13 @@ def load_gguf(path: str | Path, progress=None):
         if name is None:
             if t.name == ROPE_FREQS:
                 continue  # read into the config's RoPE scaling above
-            raise LeanLMError(f"{path}: unexpected tensor {t.name!r}; this GGUF layout is not supported")
+            raise LeanLMError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}; leanlm reads "
+                              f"{supported_names()}")
         try:
             w = dequantize_tensor(t)
+        except NotImplementedError:
+            raise LeanLMError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot "
+                              f"dequantize; leanlm reads {', '.join(supported_types())}") from None
         except Exception as e:
             raise LeanLMError(f"{path}: cannot dequantize {t.name} ({e}); the file may be truncated")
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
