@@ -43,6 +43,18 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_name(hf: str) -> str | None:
+    """The GGUF tensor name of a leanlm state-dict key (inverse of hf_name)."""
+    top = {v: k for k, v in _TOP.items()}
+    if hf in top:
+        return top[hf]
+    m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf)
+    inv = {v: k for k, v in _NAME_MAP.items()}
+    if m and m.group(2) in inv:
+        return f"blk.{m.group(1)}.{inv[m.group(2)]}.{m.group(3)}"
+    return None
+
+
 def supported_names() -> str:
     return (", ".join(sorted(_TOP)) + ", rope_freqs.weight and blk.N.{" + ",".join(_NAME_MAP) +
             "}.{weight,bias}")
