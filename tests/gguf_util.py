@@ -179,3 +179,14 @@ def random_blocks(qtype_name: str, rows: int, cols: int, rng: np.random.Generato
         for off in at:
             raw[:, off:off + 2] = d
     return raw.reshape(rows, -1)
+
+
+def leanlm_key(name: str, cfg) -> str:
+    """leanlm's state-dict key of a one-to-one GGUF tensor (the family's GGUF map)."""
+    import torch
+
+    from leanlm.model.families import family
+    from leanlm.model.gguf_map import gguf_map, to_leanlm
+
+    fam = family(cfg.model_type)
+    return to_leanlm(name, torch.zeros(1), cfg, fam.layout, gguf_map(fam.gguf_arch))[0][0]

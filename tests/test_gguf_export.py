@@ -5,9 +5,9 @@ import torch
 
 import leanlm
 from conftest import tiny_hf, to_leanlm
-from gguf_util import byte_vocab, spm_vocab, write_tiny_gguf
+from gguf_util import byte_vocab, leanlm_key, spm_vocab, write_tiny_gguf
 from leanlm.errors import LeanLMError
-from leanlm.io.gguf import hf_name, unpermute_qk
+from leanlm.io.gguf import unpermute_qk
 from leanlm.io.gguf_export import TYPES, export_gguf
 
 NV = len(byte_vocab()[0])
@@ -43,7 +43,7 @@ def _read(path, cfg):
             w = unpermute_qk(w, cfg.num_heads)
         elif llama and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_qk(w, cfg.num_kv_heads)
-        out[hf_name(t.name)] = (torch.from_numpy(w.copy()), t.tensor_type.name)
+        out[leanlm_key(t.name, cfg)] = (torch.from_numpy(w.copy()), t.tensor_type.name)
     return out
 
 

@@ -7,7 +7,7 @@ import torch
 
 import leanlm
 from conftest import tiny_hf, to_leanlm
-from gguf_util import TEMPLATE, byte_vocab, write_tiny_gguf
+from gguf_util import TEMPLATE, byte_vocab, leanlm_key, write_tiny_gguf
 from leanlm.errors import LeanLMError
 
 NV = len(byte_vocab()[0])
@@ -306,9 +306,8 @@ def test_gguf_k_and_i_quants_match_transformers(tmp_path):
     sd = m.state_dict()
     for t in r.tensors:
         if t.name.endswith(("attn_v.weight", "attn_output.weight", "ffn_down.weight", "ffn_up.weight")):
-            from leanlm.io.gguf import hf_name
-
-            np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), sd[hf_name(t.name)].numpy())
+            key = leanlm_key(t.name, m.config)
+            np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), sd[key].numpy())
 
 
 def _retype(path, tensor: str, type_number: int):

@@ -1,11 +1,12 @@
 """GGUF in: metadata -> ModelConfig, tensors dequantized with gguf's own code, tokenizer from metadata.
 
-llama.cpp's converter permutes the rows of q/k for the "llama" architecture (it rotates pairs
-(i, i + d/2) interleaved); we undo that so the weights match the Hugging Face layout.
+Tensor names, the q/k row permutation of the "llama" architecture, Gemma's norm shift and the fused
+or per-expert tensors are the family's GGUF map (leanlm/model/gguf_map.py); the metadata becomes a
+config.json-like dict read by the family's own config reader, so a GGUF and a Hugging Face folder of
+the same model give the same ModelConfig.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,51 +14,10 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.model.config import ModelConfig
-from leanlm.model.families import family_for_gguf, gguf_archs
+from leanlm.model.families import family, family_for_gguf, gguf_archs
+from leanlm.model.gguf_map import gguf_map, supported_names, to_leanlm
 
-_NAME_MAP = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
 ROPE_FREQS = "rope_freqs.weight"  # per-dimension RoPE frequency divisors (llama3 scaling)
-_BLK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-
-
-def hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _TOP:
-        return _TOP[gguf_name]
-    m = _BLK.match(gguf_name)
-    if m and m.group(2) in _NAME_MAP:
-        return f"model.layers.{m.group(1)}.{_NAME_MAP[m.group(2)]}.{m.group(3)}"
-    return None
-
-
-def gguf_name(hf: str) -> str | None:
-    """The GGUF tensor name of a leanlm state-dict key (inverse of hf_name)."""
-    top = {v: k for k, v in _TOP.items()}
-    if hf in top:
-        return top[hf]
-    m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf)
-    inv = {v: k for k, v in _NAME_MAP.items()}
-    if m and m.group(2) in inv:
-        return f"blk.{m.group(1)}.{inv[m.group(2)]}.{m.group(3)}"
-    return None
-
-
-def supported_names() -> str:
-    return (", ".join(sorted(_TOP)) + ", rope_freqs.weight and blk.N.{" + ",".join(_NAME_MAP) +
-            "}.{weight,bias}")
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -195,6 +155,8 @@ def config_from_fields(f: dict, tensor_names: set[str], source: str, rope_freqs=
         rope = {"rope_type": stype, "factor": float(g("rope.scaling.factor"))}
         if stype == "yarn":
             rope["original_max_position_embeddings"] = int(g("rope.scaling.original_context_length"))
+    elif stype not in (None, "none"):
+        raise LeanLMError(f"{source}: {arch}.rope.scaling.type={stype!r} is not supported; leanlm reads linear, yarn")
     theta = float(g("rope.freq_base", 10000.0))
     if rope_freqs is not None:
         if rope:
@@ -205,31 +167,38 @@ def config_from_fields(f: dict, tensor_names: set[str], source: str, rope_freqs=
         except LeanLMError as e:
             raise LeanLMError(f"{source}: {e}") from None
     window = g("attention.sliding_window")
-    model_type = family_for_gguf(arch, sliding=bool(window), source=source).model_type
+    fam = family_for_gguf(arch, sliding=bool(window), source=source)
     eos = f.get("tokenizer.ggml.eos_token_id")
     eot = f.get("tokenizer.ggml.eot_token_id")
-    return ModelConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(g("feed_forward_length", required=True)),
-        num_layers=int(g("block_count", required=True)),
-        num_heads=n_head,
-        num_kv_heads=int(g("attention.head_count_kv", n_head)),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=rope,
-        max_position_embeddings=int(g("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
-        attention_out_bias="blk.0.attn_output.bias" in tensor_names,
-        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
-        sliding_window=int(window) if window else None,
-        model_type=model_type,
-        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=[int(x) for x in (eos, eot) if x is not None],
-        pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
-    )
+    n_layers = int(g("block_count", required=True))
+    d = {
+        "model_type": fam.model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(g("feed_forward_length", required=True)),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(g("attention.head_count_kv", n_head)),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": rope,
+        "max_position_embeddings": int(g("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "sliding_window": int(window) if window else None,
+        "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": [int(x) for x in (eos, eot) if x is not None],
+        "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
+    }
+    if fam.sliding_flag:
+        d[fam.sliding_flag] = bool(window)
+    d.update(gguf_map(arch).config(lambda key, default=None: g(key, default)))
+    cfg = ModelConfig.from_hf(d, source=source)
+    # what the file holds decides: biases and q/k norms are there or not
+    cfg.attention_bias = "blk.0.attn_q.bias" in tensor_names or "blk.0.attn_qkv.bias" in tensor_names
+    cfg.attention_out_bias = "blk.0.attn_output.bias" in tensor_names
+    cfg.qk_norm = "blk.0.attn_q_norm.weight" in tensor_names
+    return cfg
 
 
 def dequantize_tensor(t) -> np.ndarray:
@@ -248,14 +217,11 @@ def load_gguf(path: str | Path, progress=None):
     freqs = next((dequantize_tensor(t) for t in reader.tensors if t.name == ROPE_FREQS), None)
     cfg = config_from_fields(fields, names, str(path), rope_freqs=freqs)
     arch = fields["general.architecture"]
+    m, lay = gguf_map(arch), family(cfg.model_type).layout
     sd = {}
     for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None:
-            if t.name == ROPE_FREQS:
-                continue  # read into the config's RoPE scaling above
-            raise LeanLMError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}; leanlm reads "
-                              f"{supported_names()}")
+        if t.name == ROPE_FREQS:
+            continue  # read into the config's RoPE scaling above
         try:
             w = dequantize_tensor(t)
         except NotImplementedError:
@@ -263,11 +229,16 @@ def load_gguf(path: str | Path, progress=None):
                               f"dequantize; leanlm reads {', '.join(supported_types())}") from None
         except Exception as e:
             raise LeanLMError(f"{path}: cannot dequantize {t.name} ({e}); the file may be truncated")
-        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+        if m.permute_qk and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_qk(w, cfg.num_heads)
-        elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+        elif m.permute_qk and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_qk(w, cfg.num_kv_heads)
-        sd[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
+        w = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
+        pairs = to_leanlm(t.name, w, cfg, lay, m)
+        if pairs is None:
+            raise LeanLMError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}; leanlm reads "
+                              f"{supported_names()}")
+        sd.update((k, v.contiguous()) for k, v in pairs)
         if progress:
             progress()
     return cfg, sd, fields

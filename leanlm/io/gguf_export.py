@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from leanlm.errors import LeanLMError
-from leanlm.io.gguf import ROPE_FREQS, gguf_name
-from leanlm.model.families import family
+from leanlm.io.gguf import ROPE_FREQS
+from leanlm.model.families import FAMILIES, family
+from leanlm.model.gguf_map import gguf_map, to_gguf
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
 _FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0", "Q5_0": "F16", "Q8_0": "F16", "Q4_0": "F16", "Q4_1": "F16"}
@@ -230,9 +231,10 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
     cfg = model.config
     fam = family(cfg.model_type, source)
     arch = fam.gguf_arch
-    if arch is None or cfg.num_experts:
+    if not _exportable(fam) or cfg.num_experts:
         raise LeanLMError(f"{source}: family {cfg.model_type!r} has no GGUF export in leanlm (it writes "
-                          f"{', '.join(sorted({f.model_type for f in _exportable()}))})")
+                          f"{', '.join(f.model_type for f in FAMILIES.values() if _exportable(f))})")
+    gmap = gguf_map(arch)
     if not cfg.uniform:
         raise LeanLMError(f"{source}: layers differ in shape (structured pruning); llama.cpp's "
                           f"{arch!r} architecture needs uniform layers")
@@ -289,13 +291,13 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
         for key in keys:
             modname, attr = key.rsplit(".", 1)
             mod = model.get_submodule(modname)
-            gname = gguf_name(key)
+            gname = to_gguf(key, cfg, fam.layout, gmap)
             if gname is None:
                 raise LeanLMError(f"{source}: no GGUF name for tensor {key}")
             perm = None
-            if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
+            if gmap.permute_qk and gname.endswith(("attn_q.weight", "attn_q.bias")):
                 perm = cfg.num_heads
-            elif arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
+            elif gmap.permute_qk and gname.endswith(("attn_k.weight", "attn_k.bias")):
                 perm = cfg.num_kv_heads
             fmt = grid_format(mod) if attr == "weight" else None
             if fmt:
@@ -328,10 +330,13 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
     return {"types": counts, "exact": exact}
 
 
-def _exportable():
-    from leanlm.model.families import FAMILIES
+def _exportable(fam) -> bool:
+    """Families whose GGUF form is written here: plain tensor names (no norm shift, no fused tensors,
+    no metadata of their own)."""
+    from leanlm.model.gguf_map import MAPS, GGUFMap
 
-    return [f for f in FAMILIES.values() if f.gguf_arch]
+    m = MAPS.get(fam.gguf_arch or "")
+    return m is not None and m == GGUFMap(permute_qk=m.permute_qk)
 
 
 def _add_field(w, gguf, key: str, value) -> None:
