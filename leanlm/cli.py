@@ -15,6 +15,7 @@ EXTERNAL = {
     "compress": ("leanlm.compress.cli", "compress a model with a recipe (quantize, prune, low-rank)"),
     "finetune": ("leanlm.peft.cli", "parameter-efficient fine-tuning (LoRA, DoRA, QLoRA, ...)"),
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
+    "pretrain": ("leanlm.train.pretrain_cli", "pre-train from random init or continue (FSDP2 under torchrun)"),
     "export": ("leanlm.io.export_cli", "write a model as a GGUF file for llama.cpp (f32 ... q4_k, q6_k)"),
 }
 
