@@ -131,6 +131,20 @@ def test_quantized_model_is_written_exactly(tmp_path, bits, sym, fmt):
         QuantLinear.fast = True
 
 
+def test_int8_embedding_is_written_exactly(tmp_path):
+    from leanlm.compress.quant.embedding import QuantEmbedding
+    from leanlm.model.layout import EMBED
+    from leanlm.model.surgery import replace_module
+
+    m = to_leanlm(tiny_hf("llama", vocab_size=NV, tie_word_embeddings=True))
+    emb = QuantEmbedding.from_embedding(m.get_submodule(EMBED))
+    replace_module(m, EMBED, emb)
+    res = export_gguf(m, _tok(tmp_path), tmp_path / "e.gguf", "q4_0")
+    assert res["exact"] == 1
+    w, t = _read(tmp_path / "e.gguf", m.config)[f"{EMBED}.weight"]
+    assert t == "Q8_0" and torch.equal(w, emb.weight)
+
+
 def test_llama_qk_permutation_and_q8_logits(tmp_path):
     """Q8_0 of a Llama (q/k permuted for llama.cpp) through transformers' GGUF loader."""
     import transformers

@@ -7,7 +7,7 @@ codes and fp16 scales as they are: llama.cpp computes exactly the weights leanlm
 stores d and m in fp16 and leanlm's scales and offsets are fp16 already, so nothing is re-rounded).
 
 Such a module is recognised by what it exposes (`GridWeights` below), so io needs no import of the
-compression code. Like llama.cpp's quantizer, the output head (or the tied embedding) gets Q6_K
+compression code. An int8 embedding with one fp16 scale per row is Q8_0 exactly too. Like llama.cpp's quantizer, the output head (or the tied embedding) gets Q6_K
 (Q8_0 when its width is not a multiple of 256) under a quantized type; rows whose width does not fit a
 type's block fall back as llama.cpp's do (Q4_K -> Q5_0, Q6_K -> Q8_0, else F16).
 """
@@ -55,6 +55,22 @@ def grid_format(m) -> str | None:
     if m.bits == 8 and m.sym:
         return "Q8_0"
     return None
+
+
+def int8_rows(m) -> bool:
+    """An int8 table with one fp16 scale per row (leanlm's int8 embedding): Q8_0 with that scale in
+    every block of the row holds it exactly."""
+    q, s = getattr(m, "qweight", None), getattr(m, "scales", None)
+    return (isinstance(q, torch.Tensor) and q.dtype == torch.int8 and q.dim() == 2 and q.shape[1] % 32 == 0
+            and isinstance(s, torch.Tensor) and s.dtype == torch.float16 and tuple(s.shape) == (q.shape[0],)
+            and not getattr(m, "n_outliers", 0))
+
+
+def int8_rows_blocks(m) -> np.ndarray:
+    q = m.qweight.numpy()
+    N, K = q.shape
+    d = np.broadcast_to(m.scales.numpy().reshape(N, 1, 1), (N, K // 32, 1)).view(np.uint8)
+    return np.concatenate([d, q.reshape(N, K // 32, 32).view(np.uint8)], axis=-1).reshape(N, -1)
 
 
 def grid_blocks(m, fmt: str) -> np.ndarray:
@@ -302,6 +318,9 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
             fmt = grid_format(mod) if attr == "weight" else None
             if fmt:
                 data, written = grid_blocks(mod, fmt), fmt
+                exact += 1
+            elif attr == "weight" and int8_rows(mod):
+                data, written = int8_rows_blocks(mod), "Q8_0"
                 exact += 1
             else:
                 a = _weight(mod, attr, key, source).numpy()
