@@ -190,3 +190,86 @@ def leanlm_key(name: str, cfg) -> str:
 
     fam = family(cfg.model_type)
     return to_leanlm(name, torch.zeros(1), cfg, fam.layout, gguf_map(fam.gguf_arch))[0][0]
+
+
+def write_family_gguf(path, hf_model, arch_name: str, qtype_name: str = "F32"):
+    """A tiny GGUF of any family as llama.cpp's converter writes it, with gguf-py's own tensor-name table
+    (llama.cpp's): Gemma norms stored as 1 + w, q/k permuted only for "llama", fused tensors kept fused
+    (Phi-3), MoE experts stacked into 3-D tensors, the metadata llama.cpp reads."""
+    import gguf
+
+    cfg = hf_model.config
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    tokens, merges = byte_vocab()
+    w = gguf.GGUFWriter(str(path), arch_name)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if arch_name.startswith("gemma"):
+        w.add_sliding_window(cfg.sliding_window)
+    if arch_name == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    n_exp = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+    if n_exp:
+        w.add_expert_count(n_exp)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if getattr(cfg, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL)))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    for k, t in hf_model.state_dict().items():
+        if k == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        a = t.detach().float().numpy().copy()
+        base = k.rsplit(".", 1)[0]
+        if base.endswith("experts.gate_up_proj") or k.endswith("experts.gate_up_proj"):  # fused 3-D experts
+            g, u = np.split(a, 2, axis=1)
+            stem = k[: k.index("experts.")]
+            parts = [(names.get_name(stem + "experts.gate_proj.weight", try_suffixes=(".weight",)), g),
+                     (names.get_name(stem + "experts.up_proj.weight", try_suffixes=(".weight",)), u)]
+        elif k.endswith("experts.down_proj"):
+            stem = k[: k.index("experts.")]
+            parts = [(names.get_name(stem + "experts.down_proj.weight", try_suffixes=(".weight",)), a)]
+        else:
+            parts = [(names.get_name(k, try_suffixes=(".weight", ".bias")), a)]
+        for name, arr in parts:
+            assert name is not None, k
+            if arch_name.startswith("gemma") and name.endswith("norm.weight"):
+                arr = arr + 1  # llama.cpp's Gemma converters store 1 + w
+            if arch_name == "llama" and name.endswith("attn_q.weight"):
+                arr = permute(arr, cfg.num_attention_heads)
+            elif arch_name == "llama" and name.endswith("attn_k.weight"):
+                arr = permute(arr, cfg.num_key_value_heads)
+            if name.endswith("ffn_gate_inp_shexp.weight"):
+                arr = arr.reshape(-1)
+            if arr.ndim >= 2 and qtype_name != "F32":
+                w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+            else:
+                w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

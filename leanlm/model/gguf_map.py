@@ -43,28 +43,44 @@ class GGUFMap:
     config: Callable = field(default=_none)
 
 
+def _layer_types(get, n: int, default_pattern: int) -> list[str]:
+    """llama.cpp's sliding-window pattern: per-layer booleans, or n (layer i slides unless i % n == n - 1;
+    0: all slide)."""
+    pattern = get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        return ["sliding_attention" if p else "full_attention" for p in pattern]
+    p = int(pattern if pattern is not None else default_pattern)
+    return ["sliding_attention" if p == 0 or i % p < p - 1 else "full_attention" for i in range(n)]
+
+
+def _attn_scalar(get, big: tuple[int, int]) -> int:
+    # llama.cpp scales queries by 1/sqrt(key_length), except the 27B sizes (hidden / heads)
+    n, hidden, heads = get("block_count"), get("embedding_length"), get("attention.head_count")
+    return hidden // heads if (n, hidden) == big else get("attention.key_length")
+
+
 def _gemma2(get) -> dict:
-    return {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": get("attention.sliding_window"),
-            "final_logit_softcapping": get("final_logit_softcapping"),
-            "attn_logit_softcapping": get("attn_logit_softcapping"),
-            "query_pre_attn_scalar": get("attention.key_length")}
+    n = get("block_count")
+    return {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": get("attention.sliding_window", 4096),
+            "layer_types": _layer_types(get, n, 2),
+            "final_logit_softcapping": get("final_logit_softcapping", 30.0),
+            "attn_logit_softcapping": get("attn_logit_softcapping", 50.0),
+            "query_pre_attn_scalar": _attn_scalar(get, (46, 4608))}
 
 
 def _gemma3(get) -> dict:
-    # llama.cpp: local layers use base 10000, one global layer in every 6 (sliding_window_pattern), and
-    # queries scaled by 1/sqrt(key_length) (all sizes but 27B, whose scalar is hidden / heads)
-    n, hidden, heads = get("block_count"), get("embedding_length"), get("attention.head_count")
-    key = get("attention.key_length")
-    scalar = hidden // heads if (n, hidden) == (62, 5376) else key
-    pattern = get("attention.sliding_window_pattern")
-    if isinstance(pattern, list):  # per-layer booleans: True = sliding
-        types = ["sliding_attention" if p else "full_attention" for p in pattern]
-    else:
-        p = int(pattern or 6)
-        types = ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
-    return {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": get("attention.sliding_window"),
-            "layer_types": types, "query_pre_attn_scalar": scalar, "rope_local_base_freq": 10000.0,
+    # no sliding_window key: every layer global; local layers' base: rope.freq_base_swa, else 10000
+    n, window = get("block_count"), get("attention.sliding_window")
+    types = _layer_types(get, n, 6) if window else ["full_attention"] * n
+    return {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window, "layer_types": types,
+            "query_pre_attn_scalar": _attn_scalar(get, (62, 5376)),
+            "rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
             "final_logit_softcapping": get("final_logit_softcapping")}
+
+
+def _phi3(get) -> dict:
+    head = get("attention.key_length") or get("embedding_length") // get("attention.head_count")
+    return {"partial_rotary_factor": get("rope.dimension_count", head) / head}
 
 
 MAPS: dict[str, GGUFMap] = {
@@ -73,7 +89,7 @@ MAPS: dict[str, GGUFMap] = {
     "qwen3": GGUFMap(),
     "gemma2": GGUFMap(norm_shift=1.0, config=_gemma2),
     "gemma3": GGUFMap(norm_shift=1.0, config=_gemma3),
-    "phi3": GGUFMap(fused_qkv=True, fused_gate_up=True),
+    "phi3": GGUFMap(fused_qkv=True, fused_gate_up=True, config=_phi3),
     "qwen2moe": GGUFMap(),
     "qwen3moe": GGUFMap(),
 }
