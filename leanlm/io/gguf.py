@@ -167,7 +167,8 @@ def config_from_fields(f: dict, tensor_names: set[str], source: str, rope_freqs=
         except LeanLMError as e:
             raise LeanLMError(f"{source}: {e}") from None
     window = g("attention.sliding_window")
-    fam = family_for_gguf(arch, sliding=bool(window), source=source)
+    experts = int(g("expert_count", 0) or 0)
+    fam = family_for_gguf(arch, sliding=bool(window), source=source, experts=experts > 0)
     eos = f.get("tokenizer.ggml.eos_token_id")
     eot = f.get("tokenizer.ggml.eot_token_id")
     n_layers = int(g("block_count", required=True))
@@ -193,6 +194,8 @@ def config_from_fields(f: dict, tensor_names: set[str], source: str, rope_freqs=
     if fam.sliding_flag:
         d[fam.sliding_flag] = bool(window)
     d.update(gguf_map(arch).config(lambda key, default=None: g(key, default)))
+    if experts:  # blocks without a router are dense MLPs
+        d["mlp_only_layers"] = [i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names]
     cfg = ModelConfig.from_hf(d, source=source)
     # what the file holds decides: biases and q/k norms are there or not
     cfg.attention_bias = "blk.0.attn_q.bias" in tensor_names or "blk.0.attn_qkv.bias" in tensor_names

@@ -350,12 +350,10 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
 
 
 def _exportable(fam) -> bool:
-    """Families whose GGUF form is written here: plain tensor names (no norm shift, no fused tensors,
-    no metadata of their own)."""
-    from leanlm.model.gguf_map import MAPS, GGUFMap
+    from leanlm.model.gguf_map import MAPS
 
     m = MAPS.get(fam.gguf_arch or "")
-    return m is not None and m == GGUFMap(permute_qk=m.permute_qk)
+    return m is not None and m.export and not fam.gguf_moe
 
 
 def _add_field(w, gguf, key: str, value) -> None:

@@ -35,6 +35,7 @@ class Family:
     out_bias_follows_qkv: bool = True  # o_proj has a bias whenever attention_bias is set (Llama); else never (Qwen2)
     sliding_flag: str | None = None  # config.json key that must be true for sliding_window to apply
     gguf_sliding: bool = False  # among families sharing a GGUF architecture, the one a sliding window means
+    gguf_moe: bool = False  # among families sharing a GGUF architecture, the one expert tensors mean
     # checkpoint keys <-> leanlm's state dict keys (fused q/k/v, per-expert names...). load_keys must
     # rename keys whatever their values are (the quantizing loader maps key names through it first) and
     # leave leanlm's own names unchanged (leanlm's compressed checkpoints keep them).
@@ -53,7 +54,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            out_bias_follows_qkv=False, sliding_flag="use_sliding_window"),
     Family("qwen3", "Qwen3ForCausalLM", "qwen3", fixed={"qk_norm": True}, sliding_flag="use_sliding_window"),
     # mixtures of experts (leanlm/model/moe.py). llama.cpp writes Mixtral as "llama" with expert tensors.
-    Family("mixtral", "MixtralForCausalLM", "llama", fixed={"norm_topk_prob": True},
+    Family("mixtral", "MixtralForCausalLM", "llama", fixed={"norm_topk_prob": True}, gguf_moe=True,
            load_keys=moe.mixtral_load_keys, save_keys=moe.mixtral_save_keys,
            read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=True), write_config=moe.write_mixtral),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", out_bias_follows_qkv=False,
@@ -79,10 +80,11 @@ def gguf_archs() -> list[str]:
     return sorted({f.gguf_arch for f in FAMILIES.values() if f.gguf_arch})
 
 
-def family_for_gguf(arch: str, sliding: bool = False, source: str = "GGUF") -> Family:
-    """The family stored under a GGUF architecture name (llama.cpp writes Mistral as "llama": a sliding
-    window tells them apart)."""
+def family_for_gguf(arch: str, sliding: bool = False, source: str = "GGUF", experts: bool = False) -> Family:
+    """The family stored under a GGUF architecture name (llama.cpp writes Mistral and Mixtral as "llama":
+    a sliding window or expert tensors tell them apart)."""
     out = [f for f in FAMILIES.values() if f.gguf_arch == arch]
     if not out:
         raise LeanLMError(f"{source}: unsupported architecture {arch!r}; leanlm reads GGUF {', '.join(gguf_archs())}")
+    out = [f for f in out if f.gguf_moe == experts] or out
     return next((f for f in out if f.gguf_sliding == sliding), out[0])

@@ -41,6 +41,7 @@ class GGUFMap:
     fused_gate_up: bool = False
     # metadata getter (key without the "arch." prefix, default) -> extra config.json fields
     config: Callable = field(default=_none)
+    export: bool = False  # leanlm's GGUF writer covers this architecture (dense models)
 
 
 def _layer_types(get, n: int, default_pattern: int) -> list[str]:
@@ -78,20 +79,32 @@ def _gemma3(get) -> dict:
             "final_logit_softcapping": get("final_logit_softcapping")}
 
 
+def moe_fields(get, norm_default: bool) -> dict:
+    """llama.cpp's expert metadata -> config.json's MoE fields (read by the family's MoE reader). Top-k
+    weights are renormalized as llama.cpp does per architecture unless the file says (expert_weights_norm)."""
+    n = get("expert_count")
+    if not n:
+        return {}
+    return {"num_experts": n, "num_local_experts": n, "num_experts_per_tok": get("expert_used_count"),
+            "moe_intermediate_size": get("expert_feed_forward_length"),
+            "shared_expert_intermediate_size": get("expert_shared_feed_forward_length", 0),
+            "norm_topk_prob": bool(get("expert_weights_norm", norm_default))}
+
+
 def _phi3(get) -> dict:
     head = get("attention.key_length") or get("embedding_length") // get("attention.head_count")
     return {"partial_rotary_factor": get("rope.dimension_count", head) / head}
 
 
 MAPS: dict[str, GGUFMap] = {
-    "llama": GGUFMap(permute_qk=True),
-    "qwen2": GGUFMap(),
-    "qwen3": GGUFMap(),
+    "llama": GGUFMap(permute_qk=True, config=lambda get: moe_fields(get, True), export=True),  # Mixtral: experts
+    "qwen2": GGUFMap(export=True),
+    "qwen3": GGUFMap(export=True),
     "gemma2": GGUFMap(norm_shift=1.0, config=_gemma2),
     "gemma3": GGUFMap(norm_shift=1.0, config=_gemma3),
     "phi3": GGUFMap(fused_qkv=True, fused_gate_up=True, config=_phi3),
-    "qwen2moe": GGUFMap(),
-    "qwen3moe": GGUFMap(),
+    "qwen2moe": GGUFMap(config=lambda get: moe_fields(get, False)),
+    "qwen3moe": GGUFMap(config=lambda get: moe_fields(get, True)),
 }
 
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
