@@ -7,9 +7,10 @@ codes and fp16 scales as they are: llama.cpp computes exactly the weights leanlm
 stores d and m in fp16 and leanlm's scales and offsets are fp16 already, so nothing is re-rounded).
 
 Such a module is recognised by what it exposes (`GridWeights` below), so io needs no import of the
-compression code. An int8 embedding with one fp16 scale per row is Q8_0 exactly too. Like llama.cpp's quantizer, the output head (or the tied embedding) gets Q6_K
-(Q8_0 when its width is not a multiple of 256) under a quantized type; rows whose width does not fit a
-type's block fall back as llama.cpp's do (Q4_K -> Q5_0, Q6_K -> Q8_0, else F16).
+compression code. An int8 embedding with one fp16 scale per row is Q8_0 exactly too. Like llama.cpp's
+quantizer, the output head (or the tied embedding) gets Q6_K (Q8_0 when its width is not a multiple of
+256) under a quantized type; rows whose width does not fit a type's block fall back as llama.cpp's do
+(Q4_K -> Q5_0, Q6_K -> Q8_0, else F16).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from leanlm.errors import LeanLMError
 from leanlm.io.gguf import ROPE_FREQS
 from leanlm.model.families import FAMILIES, family
 from leanlm.model.gguf_map import gguf_map, to_gguf
+from leanlm.model.layout import EMBED, HEAD
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
 _FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0", "Q5_0": "F16", "Q8_0": "F16", "Q4_0": "F16", "Q4_1": "F16"}
@@ -260,7 +262,8 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
         raise LeanLMError(f"{source}: no tokenizer; llama.cpp needs one in the GGUF file")
     from leanlm.io.checkpoint import build_on_meta
 
-    keys = [k for k in build_on_meta(cfg).state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    head = f"{HEAD}.weight" if not cfg.tie_word_embeddings else f"{EMBED}.weight"  # llama.cpp's output tensor
+    keys = [k for k in build_on_meta(cfg).state_dict() if not (cfg.tie_word_embeddings and k == f"{HEAD}.weight")]
     fields = tokenizer_fields(tokenizer, cfg.vocab_size, source)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -303,7 +306,6 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
             w.add_tensor(ROPE_FREQS, fac.astype(np.float32))
         for key, value in fields.items():
             _add_field(w, gguf, key, value)
-        head = "lm_head.weight" if not cfg.tie_word_embeddings else "model.embed_tokens.weight"
         for key in keys:
             modname, attr = key.rsplit(".", 1)
             mod = model.get_submodule(modname)
