@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import leanlm
-from conftest import tiny_moe
+from conftest import tiny_hf, tiny_moe
 from gguf_util import byte_vocab, write_family_gguf
 
 NV = len(byte_vocab()[0])
@@ -47,3 +47,22 @@ def test_moe_gguf_q8_experts_equal_gguf_dequantization(tmp_path):
     gate = r["blk.1.ffn_gate_inp_shexp.weight"]
     assert torch.equal(sd[f"{block_prefix(1)}{lay.mlp}.{lay.shared_expert_gate}.weight"][0],
                        torch.from_numpy(gate.data.copy()))
+
+
+CASES = [
+    ("gemma2", "gemma2", dict(query_pre_attn_scalar=16, sliding_window=6)),
+    ("gemma3_text", "gemma3", dict(query_pre_attn_scalar=16, sliding_window=6, num_hidden_layers=6,
+                                   layer_types=["sliding_attention"] * 5 + ["full_attention"])),
+    ("phi3", "phi3", dict(partial_rotary_factor=0.5)),
+]
+
+
+@pytest.mark.parametrize("kind,arch,over", CASES, ids=[c[0] for c in CASES])
+def test_family_gguf_matches_transformers(tmp_path, kind, arch, over):
+    hf = tiny_hf(kind, vocab_size=NV, max_position_embeddings=64, **over)
+    path = write_family_gguf(tmp_path / f"{arch}.gguf", hf, arch)
+    m, _ = leanlm.load(path, convert_cache=False)
+    assert m.config.model_type == kind
+    ids = torch.randint(0, NV, (2, 24))  # longer than the sliding window
+    with torch.no_grad():
+        assert (m(ids) - hf(ids).logits).abs().max() < 1e-4
