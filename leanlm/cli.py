@@ -18,6 +18,7 @@ EXTERNAL = {
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
     "board": ("leanlm.eval.board", "every recipe on one model: quality, size, speed, Pareto plots"),
     "pretrain": ("leanlm.train.pretrain_cli", "pre-train from random init or continue (FSDP2 under torchrun)"),
+    "export": ("leanlm.io.export_cli", "write a model as a GGUF file for llama.cpp (f32 ... q4_k, q6_k)"),
 }
 
 

@@ -7,7 +7,7 @@ import torch
 
 import leanlm
 from conftest import tiny_hf, to_leanlm
-from gguf_util import TEMPLATE, byte_vocab, write_tiny_gguf
+from gguf_util import TEMPLATE, byte_vocab, leanlm_key, write_tiny_gguf
 from leanlm.errors import LeanLMError
 
 NV = len(byte_vocab()[0])
@@ -252,3 +252,89 @@ def test_default_model_rejects_wrong_checksum(tmp_path, monkeypatch):
     with pytest.raises(LeanLMError, match="refusing"):
         registry.default_gguf_path()
     assert not (tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+
+
+@pytest.mark.parametrize("orig,heads", [(64, 2), (16, 8)])
+def test_gguf_rope_freqs_keeps_llama3_scaling(tmp_path, orig, heads):
+    """llama.cpp stores Llama 3.1/3.2's RoPE scaling only as the rope_freqs tensor. With 64 the band
+    holds several dimensions (llama3 parameters recovered); with 16 (head_dim 16) only one (per-dimension
+    factors)."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": orig, "rope_theta": 10000.0}
+    hf = tiny_hf("llama", vocab_size=NV, hidden_size=128, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                 max_position_embeddings=512, rope_parameters=rope)
+    path = write_tiny_gguf(tmp_path / "m.gguf", hf, "F32")
+    m, _ = leanlm.load(path, convert_cache=False)
+    want = "llama3" if orig == 64 else "freq_factors"
+    assert m.config.rope_type == want
+    if want == "llama3":
+        got = m.config.rope_scaling
+        assert got["original_max_position_embeddings"] == 64 and got["high_freq_factor"] == 4.0
+    ids = torch.randint(0, NV, (1, 300))  # long enough that the scaling matters
+    with torch.no_grad():
+        assert (m(ids) - hf(ids).logits).abs().max() < 1e-4
+        plain = tiny_hf("llama", vocab_size=NV, hidden_size=128, num_attention_heads=heads,
+                        num_key_value_heads=heads // 2, max_position_embeddings=512)
+        plain.load_state_dict(hf.state_dict())
+        assert (m(ids) - plain(ids).logits).abs().max() > 1e-2  # ignoring rope_freqs would be caught
+
+
+KI_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+            "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "Q5_0", "Q5_1"]
+
+
+def test_gguf_k_and_i_quants_match_transformers(tmp_path):
+    """Every GGUF type gguf dequantizes but cannot quantize, one per matrix (random raw blocks): the
+    same logits as transformers' GGUF loader, and each tensor equals gguf's dequantization."""
+    import gguf
+    import transformers
+
+    from leanlm.io.gguf import supported_types
+
+    assert set(KI_TYPES) <= set(supported_types())
+    hf = tiny_hf("llama", vocab_size=NV, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2)
+    path = write_tiny_gguf(tmp_path / "k.gguf", hf, random_types=KI_TYPES)
+    r = gguf.GGUFReader(str(path))
+    assert {t.tensor_type.name for t in r.tensors} >= set(KI_TYPES)
+    m, _ = leanlm.load(path, convert_cache=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf").eval()
+    ids = torch.randint(0, NV, (1, 16))
+    with torch.no_grad():
+        a, b = m(ids), ref(ids).logits
+    assert torch.isfinite(a).all() and (a - b).abs().max() <= 1e-4 * b.abs().max()
+    sd = m.state_dict()
+    for t in r.tensors:
+        if t.name.endswith(("attn_v.weight", "attn_output.weight", "ffn_down.weight", "ffn_up.weight")):
+            key = leanlm_key(t.name, m.config)
+            np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), sd[key].numpy())
+
+
+def _retype(path, tensor: str, type_number: int):
+    """Rewrite one tensor's type number in a GGUF header (name, n_dims u32, dims u64..., type u32)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(tensor.encode()) + len(tensor)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_number)
+    path.write_bytes(bytes(data))
+
+
+def test_error_gguf_tensor_type_and_name(capsys, tmp_path):
+    import gguf
+
+    hf = tiny_hf("llama", vocab_size=NV)
+    path = write_tiny_gguf(tmp_path / "t.gguf", hf, "F32")
+    _retype(path, "blk.1.attn_v.weight", int(gguf.GGMLQuantizationType.I32))  # same size as F32
+    err = _err(capsys, ["info", str(path)])
+    assert f"{path}: tensor blk.1.attn_v.weight has type I32, which gguf cannot dequantize" in err
+    assert "Q4_K" in err and "IQ4_XS" in err  # says what is supported
+    _retype(path, "blk.1.attn_v.weight", 99)  # a type number gguf does not know
+    err = _err(capsys, ["info", str(path)])
+    assert "tensor blk.1.attn_v.weight has type number 99" in err and "Q6_K" in err
+    path = write_tiny_gguf(tmp_path / "n.gguf", hf, "F32")
+    data = path.read_bytes().replace(b"blk.0.ffn_down.weight", b"blk.0.ffn_dowX.weight")
+    path.write_bytes(data)
+    err = _err(capsys, ["info", str(path)])
+    assert "unexpected tensor 'blk.0.ffn_dowX.weight'" in err and "ffn_down" in err

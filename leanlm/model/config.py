@@ -12,7 +12,9 @@ from pathlib import Path
 
 from leanlm.errors import LeanLMError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# "freq_factors": per-dimension divisors of the base inverse frequencies, as GGUF files store RoPE
+# scaling (the rope_freqs tensor) when no transformers type reproduces them.
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "freq_factors")
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu")  # the MLP's gate activation (SwiGLU, GeGLU)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 

@@ -37,6 +37,7 @@ class Family:
     out_bias_follows_qkv: bool = True  # o_proj has a bias whenever attention_bias is set (Llama); else never (Qwen2)
     sliding_flag: str | None = None  # config.json key that must be true for sliding_window to apply
     gguf_sliding: bool = False  # among families sharing a GGUF architecture, the one a sliding window means
+    gguf_moe: bool = False  # among families sharing a GGUF architecture, the one expert tensors mean
     # checkpoint keys <-> leanlm's state dict keys (fused q/k/v, per-expert names...). load_keys must
     # rename keys whatever their values are (the quantizing loader maps key names through it first) and
     # leave leanlm's own names unchanged (leanlm's compressed checkpoints keep them).
@@ -176,7 +177,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            out_bias_follows_qkv=False, sliding_flag="use_sliding_window"),
     Family("qwen3", "Qwen3ForCausalLM", "qwen3", fixed={"qk_norm": True}, sliding_flag="use_sliding_window"),
     # mixtures of experts (leanlm/model/moe.py). llama.cpp writes Mixtral as "llama" with expert tensors.
-    Family("mixtral", "MixtralForCausalLM", "llama", fixed={"norm_topk_prob": True},
+    Family("mixtral", "MixtralForCausalLM", "llama", fixed={"norm_topk_prob": True}, gguf_moe=True,
            load_keys=moe.mixtral_load_keys, save_keys=moe.mixtral_save_keys,
            read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=True), write_config=moe.write_mixtral),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", out_bias_follows_qkv=False,
@@ -187,14 +188,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", fixed={"qk_norm": True}, sliding_flag="use_sliding_window",
            load_keys=moe.split_fused_experts, read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=False),
            write_config=moe.write_moe_config),
-    # GGUF names (llama.cpp): "gemma2", "gemma3", "phi3". None until their tensor maps exist (llama.cpp also
-    # stores Gemma's norms as 1 + w and Phi-3's q/k/v fused): reading them with Llama's map would load a
-    # model that computes something else, so the reader refuses them.
-    Family("gemma2", "Gemma2ForCausalLM", None, layout=GEMMA, fixed=_GEMMA_FIXED, hf_defaults=_GEMMA_DEFAULTS,
+    # GGUF (llama.cpp) names; their tensor maps (Gemma's 1 + w norms, Phi-3's fused q/k/v and gate/up) are
+    # in leanlm/model/gguf_map.py.
+    Family("gemma2", "Gemma2ForCausalLM", "gemma2", layout=GEMMA, fixed=_GEMMA_FIXED, hf_defaults=_GEMMA_DEFAULTS,
            read_config=lambda d, n: _gemma_fields(d, gemma3=False), write_config=_gemma_hf),
-    Family("gemma3_text", "Gemma3ForCausalLM", None, layout=GEMMA, fixed={**_GEMMA_FIXED, "qk_norm": True},
+    Family("gemma3_text", "Gemma3ForCausalLM", "gemma3", layout=GEMMA, fixed={**_GEMMA_FIXED, "qk_norm": True},
            hf_defaults=_GEMMA_DEFAULTS, read_config=lambda d, n: _gemma_fields(d, gemma3=True), write_config=_gemma_hf),
-    Family("phi3", "Phi3ForCausalLM", None, fixed={"attention_bias": False, "attention_out_bias": False,
+    Family("phi3", "Phi3ForCausalLM", "phi3", fixed={"attention_bias": False, "attention_out_bias": False,
                                                      "mlp_bias": False},
            hf_defaults={"rms_norm_eps": 1e-5}, load_keys=_phi3_load, save_keys=_phi3_save, read_config=_phi3_fields,
            write_config=_phi3_hf),
@@ -213,10 +213,11 @@ def gguf_archs() -> list[str]:
     return sorted({f.gguf_arch for f in FAMILIES.values() if f.gguf_arch})
 
 
-def family_for_gguf(arch: str, sliding: bool = False, source: str = "GGUF") -> Family:
-    """The family stored under a GGUF architecture name (llama.cpp writes Mistral as "llama": a sliding
-    window tells them apart)."""
+def family_for_gguf(arch: str, sliding: bool = False, source: str = "GGUF", experts: bool = False) -> Family:
+    """The family stored under a GGUF architecture name (llama.cpp writes Mistral and Mixtral as "llama":
+    a sliding window or expert tensors tell them apart)."""
     out = [f for f in FAMILIES.values() if f.gguf_arch == arch]
     if not out:
         raise LeanLMError(f"{source}: unsupported architecture {arch!r}; leanlm reads GGUF {', '.join(gguf_archs())}")
+    out = [f for f in out if f.gguf_moe == experts] or out
     return next((f for f in out if f.gguf_sliding == sliding), out[0])

@@ -41,6 +41,8 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None, local: bool = Fa
         n = max(seq_len or max_pos, max_pos)
         base = theta * ((factor * n / max_pos) - (factor - 1)) ** (dim / (dim - 2))
         return _base_inv_freq(base, dim), 1.0
+    if kind == "freq_factors":  # llama.cpp's rope_freqs: theta_i / factor_i
+        return _base_inv_freq(theta, dim) / torch.tensor(rs["factors"], dtype=torch.float32), 1.0
     if kind == "llama3":
         inv = _base_inv_freq(theta, dim)
         low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])

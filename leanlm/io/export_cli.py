@@ -1,0 +1,42 @@
+"""`leanlm export [MODEL] --format gguf --type TYPE -o FILE`: a model for llama.cpp, ollama, LM Studio."""
+from __future__ import annotations
+
+import sys
+
+from leanlm.io.gguf_export import TYPES
+
+
+def add_arguments(p) -> None:
+    from leanlm.cli import add_model_args
+
+    add_model_args(p, adapter=False)
+    p.add_argument("--format", default="gguf", help="output format (gguf)")
+    p.add_argument("--type", default="f16", help=f"tensor type of float weights: {', '.join(TYPES)} (quantized "
+                   "linears whose groups are a GGUF block format keep their own codes)")
+    p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    from leanlm.cli import load_model
+    from leanlm.errors import LeanLMError
+    from leanlm.io.gguf_export import export_gguf
+    from leanlm.report import progress, show
+
+    if args.format != "gguf":
+        raise LeanLMError(f"unsupported export format {args.format!r}; leanlm exports gguf")
+    if args.type.lower() not in TYPES:
+        raise LeanLMError(f"unsupported GGUF type {args.type!r}; leanlm exports {', '.join(TYPES)}")
+    model, tok = load_model(args)
+    n = len(model.state_dict())
+    with progress(disable=not sys.stderr.isatty()) as pb:
+        task = pb.add_task("writing GGUF", total=n)
+        res = export_gguf(model, tok, args.output, args.type, progress=lambda: pb.advance(task),
+                          source=args.model or "default model")
+    import os
+
+    out = {"output": args.output, "type": args.type.lower(), "size MB": os.path.getsize(args.output) / 1e6,
+           "tensors": ", ".join(f"{k} x{v}" for k, v in sorted(res["types"].items())),
+           "linears written from their own codes": res["exact"]}
+    show("export", out, args.json)
+    return 0
