@@ -15,6 +15,8 @@ EXTERNAL = {
     "compress": ("leanlm.compress.cli", "compress a model with a recipe (quantize, prune, low-rank)"),
     "finetune": ("leanlm.peft.cli", "parameter-efficient fine-tuning (LoRA, DoRA, QLoRA, ...)"),
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
+    "data": ("leanlm.data.cli", "data tools: dedup, filter, select (DSIR, IFD, diversity), few-shot demos"),
+    "prompt": ("leanlm.data.prompt_cli", "prompt compression (LLMLingua / LongLLMLingua style)"),
 }
 
 
