@@ -37,7 +37,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def models():
-    hf = tiny_hf("llama", vocab_size=300, max_position_embeddings=256)
+    hf = tiny_hf("llama", vocab_size=300, max_position_embeddings=1024)
     return hf, to_leanlm(hf)
 
 
