@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of a near duplicate")
     d.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
     d.add_argument("--ngram", type=int, default=5, help="words per shingle")
+    d.add_argument("--verify", default="exact", choices=["exact", "estimate"],
+                   help="decide a candidate pair by its exact shingle Jaccard (default) or the MinHash estimate")
     d.add_argument("--no-exact", action="store_true", help="skip exact (normalized hash) deduplication")
     d.add_argument("--no-near", action="store_true", help="skip near-duplicate deduplication")
 
@@ -91,7 +93,8 @@ def run(args) -> int:
         from leanlm.data.dedup import DedupConfig, dedup
 
         cfg = DedupConfig(threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram,
-                          exact=not args.no_exact, near=not args.no_near)
+                          exact=not args.no_exact, near=not args.no_near,
+                          verify=args.verify)
         res = dedup(args.input, args.output, cfg, args.field, args.txt_unit, progress)
     elif cmd == "filter":
         from leanlm.data.quality import FilterConfig, filter_records

@@ -2,19 +2,25 @@
 
 One streaming pass, first occurrence kept. A record is an exact duplicate when its normalized text
 (Unicode NFKC, lower case, runs of whitespace as one space) hashes like an earlier kept record's. It is
-a near duplicate when LSH (datasketch's `MinHashLSH`, bands and rows chosen by datasketch for the
-threshold) returns an earlier kept record whose MinHash Jaccard estimate is at least `threshold`; the
-estimate is checked because LSH candidates include pairs below the threshold. Shingles are word
-n-grams (`ngram` words) of the normalized text; a text shorter than `ngram` words is one shingle.
+a near duplicate when an earlier kept record among LSH's candidates (datasketch's `MinHashLSH`) has
+Jaccard similarity at least `threshold` with it. Shingles are word n-grams (`ngram` words) of the
+normalized text; a text shorter than `ngram` words is one shingle.
 
-Memory: the text is never kept; per kept record we keep its 16-byte exact hash and its MinHash
-signature (4 bytes per permutation, 512 bytes at the default 128) plus datasketch's LSH tables, so
-memory grows with the number of kept records, not their size.
+`verify="exact"` (default): LSH runs at a lower threshold (`threshold - lsh_margin`, weighted against
+false negatives) to gather candidates, and each candidate's Jaccard is computed exactly from the two
+shingle sets (as 32-bit hashes), so nothing below the threshold is removed and pairs just above it
+are rarely missed. `verify="estimate"`: LSH at the threshold and the MinHash estimate decides
+(smaller memory; pairs near the threshold are missed or taken about half the time).
+
+Memory: the text is never kept; per kept record we keep its 16-byte exact hash, its MinHash
+signature (4 bytes per permutation, 512 bytes at the default 128), with "exact" its shingle hashes
+(4 bytes per word), plus datasketch's LSH tables: memory grows with the kept records, not the input.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 import unicodedata
 from dataclasses import dataclass
 
@@ -33,6 +39,8 @@ class DedupConfig:
     exact: bool = True
     near: bool = True
     seed: int = 1
+    verify: str = "exact"  # or "estimate"
+    lsh_margin: float = 0.15
 
     def check(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -41,6 +49,8 @@ class DedupConfig:
             raise LeanLMError(f"--num-perm must be at least 16 (got {self.num_perm})")
         if self.ngram < 1:
             raise LeanLMError(f"--ngram must be at least 1 (got {self.ngram})")
+        if self.verify not in ("exact", "estimate"):
+            raise LeanLMError(f"--verify must be exact or estimate (got {self.verify!r})")
         if not (self.exact or self.near):
             raise LeanLMError("nothing to do: both exact and near-duplicate removal are off")
 
@@ -75,15 +85,19 @@ class Deduplicator:
         self.cfg.check()
         self._MinHash = MinHash
         self.hashes: dict[bytes, str] = {}
-        self.lsh = MinHashLSH(threshold=self.cfg.threshold, num_perm=self.cfg.num_perm) if self.cfg.near else None
+        exact = self.cfg.verify == "exact"
+        lsh_t = max(0.05, self.cfg.threshold - self.cfg.lsh_margin) if exact else self.cfg.threshold
+        self.lsh = MinHashLSH(threshold=lsh_t, num_perm=self.cfg.num_perm,
+                              weights=(0.2, 0.8) if exact else (0.5, 0.5)) if self.cfg.near else None
         self.sigs: dict[str, np.ndarray] = {}
+        self.sets: dict[str, np.ndarray] = {}
         # one MinHash's permutations, reused for every record (datasketch draws them from the seed)
         self._proto = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed)
 
-    def minhash(self, text: str):
+    def minhash(self, text: str, sh=None):
         m = self._MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, permutations=self._proto.permutations,
                           scheme=self._proto.scheme)
-        m.update_batch(list(shingles(text, self.cfg.ngram)))
+        m.update_batch(list(sh if sh is not None else shingles(text, self.cfg.ngram)))
         return m
 
     def check(self, key: str, text: str):
@@ -91,13 +105,20 @@ class Deduplicator:
         h = hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest()
         if self.cfg.exact and h in self.hashes:
             return "exact_duplicate", self.hashes[h], 1.0
-        m = None
+        m = hs = None
         if self.cfg.near:
-            m = self.minhash(text)
+            sh = shingles(text, self.cfg.ngram)
+            m = self.minhash(text, sh)
+            if self.cfg.verify == "exact":
+                hs = np.unique(np.fromiter((zlib.crc32(x) for x in sh), dtype=np.uint32, count=len(sh)))
             best, best_j = None, -1.0
             for other in self.lsh.query(m):
-                # estimate from the stored signature: fraction of equal minimum hashes
-                j = float(np.mean(self.sigs[other] == m.hashvalues.astype(np.uint32)))
+                if hs is not None:
+                    o = self.sets[other]
+                    inter = len(np.intersect1d(hs, o, assume_unique=True))
+                    j = inter / (len(hs) + len(o) - inter)
+                else:  # estimate from the stored signature: fraction of equal minimum hashes
+                    j = float(np.mean(self.sigs[other] == m.hashvalues.astype(np.uint32)))
                 if j > best_j:
                     best, best_j = other, j
             if best is not None and best_j >= self.cfg.threshold:
@@ -105,7 +126,10 @@ class Deduplicator:
         self.hashes.setdefault(h, key)
         if m is not None and key not in self.sigs:
             self.lsh.insert(key, m)
-            self.sigs[key] = m.hashvalues.astype(np.uint32)  # datasketch's hash values fit in 32 bits
+            if hs is not None:
+                self.sets[key] = hs
+            else:
+                self.sigs[key] = m.hashvalues.astype(np.uint32)  # datasketch's hash values fit in 32 bits
         return None
 
 
@@ -128,9 +152,9 @@ def dedup(path, output, cfg: DedupConfig | None = None, field=None, txt_unit="fi
                 s.keep(rec)
             else:
                 reason, of, j = dup
-                s.drop(rec, reason, duplicate_of=of, jaccard_estimate=round(j, 4))
+                s.drop(rec, reason, duplicate_of=of, jaccard=round(j, 4))
     out = s.summary()
     secs = time.perf_counter() - t0
     out.update({"seconds": secs, "records_per_s": out["records"] / secs if secs else 0.0,
-                "threshold": d.cfg.threshold, "num_perm": d.cfg.num_perm, "ngram": d.cfg.ngram})
+                "threshold": d.cfg.threshold, "verify": d.cfg.verify, "num_perm": d.cfg.num_perm, "ngram": d.cfg.ngram})
     return out
