@@ -17,6 +17,7 @@ EXTERNAL = {
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
     "data": ("leanlm.data.cli", "data tools: dedup, filter, select (DSIR, IFD, diversity), few-shot demos"),
     "prompt": ("leanlm.data.prompt_cli", "prompt compression (LLMLingua / LongLLMLingua style)"),
+    "pretrain": ("leanlm.train.pretrain_cli", "pre-train from random init or continue (FSDP2 under torchrun)"),
 }
 
 
@@ -50,6 +51,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4, 2], help="quantized KV cache")
 
 
 def generation_config(args):
@@ -61,7 +63,7 @@ def generation_config(args):
         raise LeanLMError("--top-p must be in (0, 1]")
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop_strings=list(args.stop))
+                            stop_strings=list(args.stop), kv_bits=getattr(args, "kv_bits", None))
 
 
 # ---------------------------------------------------------------- info
