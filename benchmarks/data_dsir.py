@@ -42,6 +42,40 @@ def pool_and_texts():
     return pool, target, held
 
 
+def select_only(pool, target, args):
+    """Share of each selection (budget in words) drawn from the target domain: DSIR with the mean and
+    with the paper's summed log weight, and random; no model is loaded."""
+    import numpy as np
+
+    from leanlm.data.select import gumbel_top_k, hashed_ngrams, log_ratio, ngram_counts
+
+    texts = [r["text"] for r in pool]
+    ratio = log_ratio(ngram_counts([target], 10_000), ngram_counts(texts, 10_000))
+    feats = [hashed_ngrams(t, 10_000) for t in texts]
+    summed = np.array([float(ratio[f].sum()) for f in feats])
+    mean = np.array([s / max(len(f), 1) for s, f in zip(summed, feats)]) * float(np.mean([len(f) for f in feats]))
+    words = [len(t.split()) for t in texts]
+    budget = args.tokens * 3 // 4  # about as many words as --tokens tokens
+    rows = []
+    for name, order in (("dsir (mean per n-gram, default)", gumbel_top_k(mean, len(texts), 0)),
+                        ("dsir (paper's sum)", gumbel_top_k(summed, len(texts), 0)),
+                        ("random", random.Random(0).sample(range(len(texts)), len(texts)))):
+        picked, have = [], 0
+        for i in order:
+            if have >= budget:
+                break
+            picked.append(int(i))
+            have += words[i]
+        share = sum(pool[i]["domain"] == "tech" for i in picked) / len(picked)
+        rows.append({"method": name, "records": len(picked), "words": have, "tech_share": share})
+    pool_share = sum(r["domain"] == "tech" for r in pool) / len(pool)
+    from leanlm.report import print_table
+
+    print_table(f"selection toward tech from {len(pool)} records (tech share of the pool {pool_share:.3f})", rows)
+    if args.json:
+        print(json.dumps({"rows": rows, "pool": len(pool), "pool_tech_share": pool_share}))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -52,6 +86,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-chars", type=int, default=12_000)
     ap.add_argument("--methods", default="dsir,perplexity,random")
+    ap.add_argument("--select-only", action="store_true", help="only the selections' domain shares (no model)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import numpy as np
@@ -68,6 +103,8 @@ def main():
 
     pool, target, held = pool_and_texts()
     held = held[: args.eval_chars]
+    if args.select_only:
+        return select_only(pool, target, args)
     model, tok = leanlm.load()
     base_ppl = perplexity(model, tok, held, ctx=256, stride=128, progress=False)["perplexity"]
     rows = [{"method": "base (no training)", "target_ppl": base_ppl}]

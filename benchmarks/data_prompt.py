@@ -146,7 +146,7 @@ def main():
                         str(args.docs), "--threads", str(args.threads), "--scorer-dir", scorer,
                         "--llmlingua-out", args.llmlingua_out], check=True)
         print(f"llmlingua part: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    cfg = GenerationConfig(max_new_tokens=8)
+    cfg = GenerationConfig(max_new_tokens=20)
     rows = []
     out = open(args.out, "a") if args.out else None
 

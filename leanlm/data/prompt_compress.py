@@ -102,17 +102,25 @@ def _quotas(lengths: list[int], ranks: list[int], target: int, dynamic: float) -
 
 
 def word_starts(tokenizer, ids: list[int]) -> list[bool]:
-    """Whether each token begins a word: it does unless its text starts with a letter or digit and the
-    previous token's text ends with one (so "Bram" + "ble" is one word, " horse" starts one)."""
-    pieces, out, prev = {}, [], ""
-    for t in ids:
+    """Whether each token begins a word. It does not when its text starts with a letter or digit, the
+    previous token's text ends with one, and the two decode with nothing between them ("Bram" + "ble"
+    is one word; " horse" starts one; a word-level tokenizer that joins tokens with spaces starts one
+    at every token)."""
+    pieces, pairs, out = {}, {}, []
+    for k, t in enumerate(ids):
         if t not in pieces:
             pieces[t] = tokenizer.decode([t])
-        p = pieces[t]
-        out.append(not (p[:1].isalnum() and prev[-1:].isalnum()))
-        prev = p
-    if out:
-        out[0] = True
+        if k == 0:
+            out.append(True)
+            continue
+        a, b = ids[k - 1], t
+        da, db = pieces[a], pieces[b]
+        if not (da[-1:].isalnum() and db[:1].isalnum()):
+            out.append(True)
+            continue
+        if (a, b) not in pairs:
+            pairs[(a, b)] = tokenizer.decode([a, b]) != da + db
+        out.append(pairs[(a, b)])
     return out
 
 
