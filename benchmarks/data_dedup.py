@@ -82,7 +82,7 @@ def main():
             for r in rows:
                 f.write(json.dumps(r) + "\n")
         t0 = time.perf_counter()
-        res = dedup(src, out, DedupConfig(threshold=args.threshold, verify=args.verify), progress=False)
+        dedup(src, out, DedupConfig(threshold=args.threshold, verify=args.verify), progress=False)
         secs = time.perf_counter() - t0
         dropped = {json.loads(x)["record"]["id"] for x in open(dropped_path(out), encoding="utf-8")}
     pos = {k for k, (_, j) in truth.items() if j >= args.threshold}

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import zlib
 import unicodedata
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
