@@ -136,7 +136,7 @@ def test_methods_through_runner_and_checkpoint(recipe, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from leanlm.compress.recipe import apply_recipe, load_recipe
-    from leanlm.compress.serialize import restore, state_for_save
+    from leanlm.io.modules import restore, state_for_save
     from leanlm.model.transformer import Transformer
 
     x = torch.randint(0, 128, (2, 24))

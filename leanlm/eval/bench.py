@@ -12,6 +12,7 @@ import time
 import torch
 
 from leanlm.infer.sampling import GenerationConfig
+from leanlm.model.layout import embedding
 
 
 def peak_rss_mb() -> float:
@@ -24,7 +25,7 @@ def weight_bytes_per_token(model) -> int:
     from leanlm.api import model_bytes
 
     total = model_bytes(model)
-    emb = model.model.embed_tokens.weight
+    emb = embedding(model).weight
     if not model.config.tie_word_embeddings:
         total -= emb.numel() * emb.element_size()
     return total

@@ -271,7 +271,7 @@ class Engine:
                 sampling.append(j)
         if not sampling:
             return outs
-        logits = self.model.lm_head(hidden[sampling]).float()
+        logits = self.model.logits(hidden[sampling]).float()
         for row, j in enumerate(sampling):
             seq = batch[j][0]
             p = seq.params

@@ -12,8 +12,9 @@ original position; queries use their true position.
                    one point each time a query gives it more than the average attention (1/keys),
                    scores decay with a history window, and when the cache is over budget the
                    lowest scoring old tokens are dropped in a batch (down to `budget - drop`).
-H2O and Scissorhands need attention probabilities: the cache captures each layer's q_proj output
-with a forward hook (attach/detach) and recomputes softmax(qK^T) for the kept keys.
+H2O and Scissorhands need attention probabilities: the cache captures each layer's query projection
+output (named by the family's layout) with a forward hook (attach/detach) and recomputes
+softmax(qK^T) for the kept keys.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import math
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import blocks, layout_of
 from leanlm.model.rope import apply_rope
 
 POLICIES = ("full", "streaming", "h2o", "scissorhands")
@@ -35,6 +37,7 @@ class EvictingKVCache:
         if policy != "full" and budget < 2:
             raise LeanLMError(f"KV budget {budget} is too small; keep at least 2 tokens")
         self.model, self.cfg, self.policy, self.budget = model, model.config, policy, budget
+        self.layout = layout_of(model)
         self.sink = min(sink, budget // 2)
         self.recent = budget // 2 if recent is None else min(recent, budget - 1)
         self.decay = 1.0 - 1.0 / max(history, 1)
@@ -56,12 +59,13 @@ class EvictingKVCache:
 
     def attach(self) -> "EvictingKVCache":
         if self.needs_attention and not self._hooks:
-            for i, layer in enumerate(self.model.model.layers):
-                attn = layer.self_attn
+            lay = self.layout
+            for block in blocks(self.model):
+                attn = block.get_submodule(lay.attn)
 
-                def hook(mod, inp, out, i=attn.layer, attn=attn):
+                def hook(mod, inp, out, i=attn.layer):
                     self._q[i] = out
-                self._hooks.append(attn.q_proj.register_forward_hook(hook))
+                self._hooks.append(block.get_submodule(lay.q).register_forward_hook(hook))
         return self
 
     def detach(self) -> None:
@@ -122,10 +126,11 @@ class EvictingKVCache:
 
     # ---- scoring and eviction -----------------------------------------------------------------
     def _accumulate(self, layer: int, k_all: torch.Tensor, score: torch.Tensor, T: int) -> torch.Tensor:
-        attn = self.model.model.layers[layer].self_attn
+        lay, block = self.layout, blocks(self.model)[layer]
+        attn = block.get_submodule(lay.attn)
         q = self._q[layer].view(1, T, attn.nh, attn.hd)
-        if hasattr(attn, "q_norm"):
-            q = attn.q_norm(q)
+        if self.cfg.qk_norm:
+            q = block.get_submodule(lay.q_norm)(q)
         cos, sin = self._rope
         q = apply_rope(q.transpose(1, 2), cos, sin).float()  # [1, H, T, D]
         nkv, L = k_all.shape[1], k_all.shape[2]

@@ -30,6 +30,11 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dt)
 
+    @torch.no_grad()
+    def fold_scale_(self, s: torch.Tensor) -> None:
+        """Divide the output by s per channel, in place (AWQ and SmoothQuant move s into the next linears)."""
+        self.weight.div_(s.to(self.weight.dtype))
+
 
 class KVCache:
     """Static cache: K/V preallocated for max_len positions, written in place, no per-token allocation.
@@ -318,7 +323,12 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
-        return self.lm_head(x)
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on final hidden states (forward(return_hidden=True)): [..., hidden] -> [..., vocab].
+        Every caller that projects hidden states goes through here, never through the head module."""
+        return self.lm_head(hidden)
 
     def fuse_projections(self) -> "Transformer":
         """Inference speed-up: q/k/v and gate/up each run as one matmul. Weights are shared, not copied;

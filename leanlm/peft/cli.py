@@ -38,8 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated module names, or a regex over full module names")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated module names, or a regex over full module names "
+                        "(default: every linear of the blocks, as the model's family names them)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     p.add_argument("--virtual-tokens", type=int, default=16, help="prompt / prefix tuning length")
     p.add_argument("--mezo-eps", type=float, default=1e-3)
@@ -58,7 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def targets_arg(s: str):
+def targets_arg(s: str | None):
+    if s is None:
+        return None  # the family's all-linear set (leanlm.peft.lora.resolve_targets)
     parts = [t.strip() for t in s.split(",") if t.strip()]
     if any(ch in s for ch in "*[]()|\\^$") and len(parts) == 1:
         return s  # a regex over full module names

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import embedding
 from leanlm.peft.lora import freeze_base
 
 
@@ -51,11 +52,14 @@ class VirtualTokenModel(nn.Module):
     def num_parameters(self) -> int:
         return self.base_model.num_parameters()
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base_model.logits(hidden)
+
 
 class PromptTuned(VirtualTokenModel):
     def __init__(self, model: nn.Module, cfg: PromptTuningConfig):
         super().__init__(model, cfg)
-        emb = model.model.embed_tokens.weight
+        emb = embedding(model).weight
         if cfg.init_ids:
             ids = torch.tensor([cfg.init_ids[i % len(cfg.init_ids)] for i in range(self.n)])
             init = emb.detach()[ids].clone().float()
@@ -65,7 +69,7 @@ class PromptTuned(VirtualTokenModel):
 
     def forward(self, input_ids=None, cache=None, positions=None, inputs_embeds=None,
                 last_only=False, return_hidden=False):
-        x = self.base_model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = embedding(self.base_model)(input_ids) if inputs_embeds is None else inputs_embeds
         first = cache is None or cache.length == 0
         if first:
             p = self.prompt_embeddings.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import blocks
 from leanlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlm.train.optim import MeZO, lr_at, make_optimizer
 
@@ -112,11 +113,6 @@ def _optimizer_mode(opt, mode: str) -> None:
         fn()
 
 
-def lm_head(model):
-    base = getattr(model, "base_model", model)
-    return base.lm_head
-
-
 def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over labelled positions; the vocab projection runs only there."""
     hidden = model(ids, return_hidden=True)
@@ -126,7 +122,7 @@ def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     if n == 0:
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1][keep]
-    logits = lm_head(model)(h).float()
+    logits = model.logits(h).float()
     return F.cross_entropy(logits, tgt[keep]), n
 
 
@@ -134,7 +130,7 @@ def enable_grad_checkpointing(model) -> None:
     """Recompute each block's activations in backward instead of storing them."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.model.layers:
+    for block in blocks(model):
         if getattr(block, "_leanlm_ckpt", False):
             continue
         fwd = block.forward

@@ -87,9 +87,9 @@ def new_model(cfg: ModelConfig, init: str = "normal", seed: int = 0) -> Transfor
 
 # ---------------------------------------------------------------- corpus
 def read_documents(source: str) -> list[str]:
-    """A .txt file (one document), a .jsonl file (the "text" field), a folder of either, or
-    packaged:NAME (the packaged texts)."""
-    from leanlm.data.text import packaged_text
+    """A .txt file (one document), a .jsonl file (one per record: text, messages or prompt+completion), a
+    folder of either, or packaged:NAME (the packaged texts)."""
+    from leanlm.data.text import packaged_text, read_texts
 
     if source.startswith("packaged:"):
         return [packaged_text(source.split(":", 1)[1])]
@@ -99,26 +99,7 @@ def read_documents(source: str) -> list[str]:
     files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
     if not files:
         raise LeanLMError(f"{source}: no .txt or .jsonl files")
-    docs = []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise LeanLMError(f"{f}: not UTF-8 ({e.reason} at byte {e.start})")
-        if f.suffix == ".txt":
-            docs.append(text)
-            continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LeanLMError(f"{f}:{n}: malformed JSON ({e.msg})")
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise LeanLMError(f"{f}:{n}: a pre-training record needs a string field 'text'")
-            docs.append(rec["text"])
-    return [d for d in docs if d.strip()]
+    return [d for f in files for d in read_texts(f) if d.strip()]
 
 
 def pack(docs: list[str], tokenizer, seq_len: int, val_fraction: float = 0.05) -> tuple[list[dict], list[dict]]:
@@ -278,11 +259,11 @@ def upcycle_moe(model: Transformer, num_experts: int = 8, top_k: int = 2, router
             continue
         i = block_index(name)
         rel = name[len(block_prefix(i)):]
-        exp_prefix = f"{lay.mlp}.{lay.experts}."
-        if rel.startswith(exp_prefix):
-            leaf = rel[len(exp_prefix):].split(".", 1)[1]  # the expert's gate/up/down weight
-            sd[name] = src[f"{block_prefix(i)}{lay.mlp}.{leaf}"].clone()
-        elif rel == f"{lay.mlp}.{lay.router}.weight":
+        dense_mlp = lay.mlp_prefixes(cfg, i)[0]
+        expert = next((e for e in lay.mlp_prefixes(new_cfg, i) if rel.startswith(e)), None)
+        if expert is not None:  # each expert starts as the dense MLP
+            sd[name] = src[block_prefix(i) + dense_mlp + rel[len(expert):]].clone()
+        elif rel.rpartition(".")[0] in lay.groups(new_cfg, i)["router"]:
             sd[name] = torch.randn(p.shape, generator=g) * router_std
         else:
             raise LeanLMError(f"upcycle_moe: no source for {name}")

@@ -16,14 +16,20 @@ from leanlm.compress.calibrate import Method, Step, run_steps
 from leanlm.compress.prune import structured as st
 from leanlm.compress.prune.methods import SOLVERS, PruneConfig, wanda_accumulate, wanda_init, wanda_score
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import base_model, block_index, block_prefix, blocks, layout_of
 
 
 def _block_of(name: str) -> int:
-    parts = name.split(".")
-    try:
-        return int(parts[parts.index("layers") + 1])
-    except (ValueError, IndexError):
-        raise LeanLMError(f"{name}: pruning works on decoder-block layers (model.layers.N....); add it to ignore")
+    i = block_index(name)
+    if i is None:
+        raise LeanLMError(f"{name}: pruning works on decoder-block layers ({block_prefix(0)}...); add it to ignore")
+    return i
+
+
+def _block_names(model) -> list[str]:
+    """One module name per block (a block-level step runs on the blocks its modules fall in)."""
+    lay = layout_of(model)
+    return [block_prefix(i) + lay.o for i in range(len(blocks(model)))]
 
 
 def _method(kind: str) -> Method:
@@ -103,33 +109,33 @@ def structured_prune(model, cfg: st.StructuredConfig, modules=None, samples=None
             if samples is None:
                 raise LeanLMError("taylor importance needs calibration samples (it uses gradients of the loss)")
             grads = st.taylor_gradients(model, samples[: cfg.taylor_samples])
-        blocks = model.model.layers
-        sa = [st.attention_group_importance(b.self_attn, None, cfg.importance, grads) for b in blocks]
-        sm = [st.mlp_channel_importance(b.mlp, None, cfg.importance, grads) for b in blocks]
+        sa, sm = st.importance(model, cfg.importance, grads)
         del grads
         st.shrink(model, *st.keep_sets(sa, sm, groups, channels))
         return {"groups_removed": groups, "channels_removed": channels}
     if samples is None:
         raise LeanLMError("activation importance needs calibration samples; pass --calib or use importance: magnitude")
 
+    lay, mcfg = layout_of(model), base_model(model).config
+
     def block(ctx, c):
         i, blk = ctx.index, ctx.block
         if groups[i] == 0 and channels[i] == 0:
             return
-        o, d = f"model.layers.{i}.self_attn.o_proj", f"model.layers.{i}.mlp.down_proj"
-        sq = {o: torch.zeros(blk.self_attn.o_proj.in_features, dtype=torch.float64),
-              d: torch.zeros(blk.mlp.down_proj.in_features, dtype=torch.float64)}
+        mlp = st.dense_mlp(lay, mcfg, i)
+        o, d = block_prefix(i) + lay.o, block_prefix(i) + mlp + lay.down
+        sq = {o: torch.zeros(ctx.layer(o).in_features, dtype=torch.float64),
+              d: torch.zeros(ctx.layer(d).in_features, dtype=torch.float64)}
 
         def fn(name, x):
             sq[name] += x.double().pow(2).sum(0)
         ctx.collect([o, d], fn)
-        sa = st.attention_group_importance(blk.self_attn, sq[o], "activation")
-        sm = st.mlp_channel_importance(blk.mlp, sq[d], "activation")
+        sa = st.attention_group_importance(blk, lay, sq[o], "activation")
+        sm = st.mlp_channel_importance(blk, lay, mlp, sq[d], "activation")
         kg, kc = st.keep_sets([sa], [sm], [groups[i]], [channels[i]])
-        st.shrink_block(blk, kg[0], kc[0])  # the runner then feeds the shrunk block's outputs onward
+        st.shrink_block(blk, lay, kg[0], kc[0], mlp)  # the runner then feeds the shrunk block's outputs onward
 
-    names = [f"model.layers.{i}.self_attn.o_proj" for i in range(model.config.num_layers)]
-    run_steps(model, [Step("structured", Method(block=block), cfg, names)], samples, progress)
+    run_steps(model, [Step("structured", Method(block=block), cfg, _block_names(model))], samples, progress)
     st.sync_config(model)
     return {"groups_removed": groups, "channels_removed": channels}
 
@@ -149,8 +155,7 @@ def block_redundancy(model, samples, progress: bool = True) -> list[float]:
             n += cs.numel()
         sims[ctx.index] = tot / max(n, 1)
 
-    names = [f"model.layers.{i}.self_attn.o_proj" for i in range(model.config.num_layers)]
-    run_steps(model, [Step("redundancy", Method(block=block), None, names)], samples, progress)
+    run_steps(model, [Step("redundancy", Method(block=block), None, _block_names(model))], samples, progress)
     return [sims[i] for i in range(model.config.num_layers)]
 
 

@@ -23,9 +23,5 @@ METHODS: dict[str, tuple[type, Method]] = {
                                       replaces=True)),
 }
 
-# class name -> class, for checkpoints (leanlm.compress.serialize)
-MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear, "NF4Linear": NF4Linear, "W8A8Linear": W8A8Linear,
-                                 "QuantEmbedding": QuantEmbedding}
-
-__all__ = ["METHODS", "MODULE_TYPES", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
+__all__ = ["METHODS", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
            "AWQConfig", "NF4Config", "SmoothQuantConfig", "LLMInt8Config"]

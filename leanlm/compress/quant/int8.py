@@ -4,9 +4,10 @@ Both run `torch._int_mm` (int8 x int8 -> int32) with int8 weights per output cha
 activations quantized per token at run time (dynamic absmax / 127); `_int_mm` needs more than 16
 rows, so shorter inputs (decode) are zero-padded to 17 rows.
 - SmoothQuant divides each input channel of the activations by s_j = max|X_j|^a / max|W_j|^(1-a)
-  and multiplies the weight's columns by s_j, folding 1/s into the preceding RMSNorm (q/k/v,
-  gate/up) or into up_proj's rows (down_proj). o_proj is not smoothed: with grouped-query
-  attention its input channels do not map one-to-one onto v_proj's rows.
+  and multiplies the weight's columns by s_j, folding 1/s into the preceding norm (the attention
+  inputs, the MLP inputs) or into the up projection's rows (the MLP output), as the family's layout
+  lists them (`Layout.smoothing`). The attention output projection is not smoothed: with
+  grouped-query attention its input channels do not map one-to-one onto the value rows.
 - LLM.int8(): input features whose calibration activations exceed `threshold` in magnitude are
   kept in high precision (their weight columns in fp16, an fp matmul); the rest goes through int8.
   The outlier set is found on calibration data (static), where bitsandbytes detects it per batch.
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.compress.calibrate import BlockContext
+from leanlm.io.modules import register_module_type
 from leanlm.model.layout import base_model, block_prefix, layout_of
 
 
@@ -42,6 +44,7 @@ def int8_matmul(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, fast
     return acc * xs[:, None] * w_scale[None, :]
 
 
+@register_module_type
 class W8A8Linear(nn.Module):
     fast = True
 
@@ -112,8 +115,8 @@ class SmoothQuantConfig:
 
 def smoothing_groups(ctx: BlockContext) -> list[tuple[nn.Module, str, list[str]]]:
     """(module whose output feeds the linears, how to fold: 'norm' or 'rows', full names of the linears),
-    from the layout: a MoE block's norm feeds the router and every expert, each expert's up_proj its
-    own down_proj. Groups holding an already-replaced (quantized) layer are left out: no weight to fold."""
+    from the layout: a MoE block's norm feeds the router and every expert, each expert's up projection
+    its own down projection. Groups holding an already-replaced (quantized) layer are left out: no weight to fold."""
     pre, out = block_prefix(ctx.index), []
     for prev, how, rel in layout_of(ctx.model).smoothing(base_model(ctx.model).config, ctx.index):
         names = [pre + r for r in rel]
@@ -124,9 +127,10 @@ def smoothing_groups(ctx: BlockContext) -> list[tuple[nn.Module, str, list[str]]
 
 @torch.no_grad()
 def fold_scales(prev: nn.Module, how: str, linears: list[nn.Linear], s: torch.Tensor):
-    """x -> x / s before `linears` (folded into prev), W -> W * s: the block computes the same function."""
+    """x -> x / s before `linears` (folded into prev), W -> W * s: the block computes the same function.
+    A norm folds the scale its own way (`fold_scale_`: a (1 + w) norm differs from a plain one)."""
     if how == "norm":
-        prev.weight.div_(s.to(prev.weight.dtype))
+        prev.fold_scale_(s)
     else:
         prev.weight.div_(s[:, None].to(prev.weight.dtype))
         if prev.bias is not None:
