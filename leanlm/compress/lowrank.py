@@ -280,7 +280,5 @@ def laser_apply(model, cfg: LaserConfig, modules: list[str], samples=None, progr
     return _run(model, cfg, list(chosen), samples, progress, lambda name: (None, chosen[name]))
 
 
-lowrank_apply.needs_data = True
-laser_apply.needs_data = True
 
 METHODS = {"lowrank": (LowRankConfig, lowrank_apply), "laser": (LaserConfig, laser_apply)}

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +33,12 @@ from leanlm.compress.calibrate import Method, Step, run_steps
 from leanlm.errors import LeanLMError
 from leanlm.model.layout import EMBED, HEAD, all_block_linears, block_pattern
 from leanlm.model.surgery import select_modules
+from leanlm.options import RESERVED, build_config, method_entry  # noqa: F401  (build_config: recipe's API)
 
 DEFAULT_TARGETS = [block_pattern()]
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PATTERN = re.compile(r"^w(\d)a16-([a-z0-9]+)-g(\d+)(-e8)?$")
 EMBED8_TARGETS = [rf"^{re.escape(EMBED)}$"]
-RESERVED = ("method", "targets", "ignore")
 
 
 @dataclass
@@ -62,7 +60,12 @@ class Recipe:
     def needs_data(self) -> bool:
         """Whether any step uses calibration samples (whole-model callables may set needs_data=False)."""
         reg = registry()
-        return any(getattr(reg[s.method][1], "needs_data", True) for s in self.steps if s.method in reg)
+        return any(needs_data(*reg[s.method]) for s in self.steps if s.method in reg)
+
+
+def needs_data(cls, how) -> bool:
+    """A Method says so itself; a whole-model function's config class says so (`needs_data`, default True)."""
+    return how.needs_data if isinstance(how, Method) else getattr(cls, "needs_data", True)
 
 
 def registry() -> dict:
@@ -149,47 +152,6 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         fields = {k: v for k, v in item.items() if k not in RESERVED}
         steps.append(RawStep(str(item["method"]), fields, targets, ignore, line, field_lines))
     return Recipe(source, steps)
-
-
-def _check_type(value, tp) -> bool:
-    if isinstance(tp, str):
-        tp = {"int": int, "float": float, "bool": bool, "str": str}.get(tp.split(" |")[0].strip(), object)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    return True
-
-
-def build_config(cls, fields: dict, where, field_lines: dict | None = None):
-    """Instantiate the config dataclass, checking names and types; `where(key)` gives 'file:line'."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for k, v in fields.items():
-        if k not in known:
-            raise LeanLMError(f"{where(k)}: unknown field {k!r} for this method; known fields: "
-                              f"{', '.join(n for n in known if n not in RESERVED)}")
-        if not _check_type(v, hints.get(k, object)):
-            raise LeanLMError(f"{where(k)}: field {k!r} = {v!r} has the wrong type (expected {hints.get(k)})")
-    try:
-        cfg = cls(**fields)
-        if hasattr(cfg, "validate"):
-            cfg.validate()
-    except (ValueError, TypeError, LeanLMError) as e:
-        bad = next((k for k in fields if k in str(e)), None)
-        raise LeanLMError(f"{where(bad)}: bad value: {e}")
-    return cfg
 
 
 def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:

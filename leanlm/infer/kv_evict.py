@@ -19,6 +19,7 @@ softmax(qK^T) for the kept keys.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -26,7 +27,46 @@ from leanlm.errors import LeanLMError
 from leanlm.model.layout import blocks, layout_of
 from leanlm.model.rope import apply_rope
 
-POLICIES = ("full", "streaming", "h2o", "scissorhands")
+@dataclass
+class FullConfig:
+    budget: int = 0  # unused: every key is kept (the reference)
+
+
+@dataclass
+class StreamingConfig:
+    budget: int = 256
+    sink: int = 4  # first tokens always kept (attention sinks)
+
+
+@dataclass
+class H2OConfig:
+    budget: int = 256
+    recent: int | None = None  # most recent tokens always kept (default budget / 2)
+
+
+@dataclass
+class ScissorhandsConfig:
+    budget: int = 256
+    recent: int | None = None
+    history: int = 64  # importance decays over this many steps
+    drop: int | None = None  # tokens dropped at once when over budget (default budget / 8)
+
+
+def evicting_cache(model, cfg) -> "EvictingKVCache":
+    return EvictingKVCache(model, next(k for k, (c, _) in POLICIES.items() if type(cfg) is c), **asdict(cfg))
+
+
+# policy name -> (config dataclass, make the cache); leanlm.options.method_config checks the fields
+POLICIES = {"full": (FullConfig, evicting_cache), "streaming": (StreamingConfig, evicting_cache),
+            "h2o": (H2OConfig, evicting_cache), "scissorhands": (ScissorhandsConfig, evicting_cache)}
+
+
+def make_cache(model, policy: str, **fields) -> "EvictingKVCache":
+    """The evicting cache of a policy by name, its fields checked (one line for an unknown policy or field)."""
+    from leanlm.options import method_config
+
+    cfg, make = method_config(POLICIES, policy, fields, "KV eviction policy")
+    return make(model, cfg)
 
 
 class EvictingKVCache:
@@ -188,7 +228,7 @@ def evict_perplexity(model, ids: torch.Tensor | list[int], policy: str, budget: 
     ids = torch.as_tensor(ids).reshape(1, -1)
     if ids.shape[1] < 2:
         raise LeanLMError("perplexity needs at least 2 tokens")
-    cache = EvictingKVCache(model, policy, budget if policy != "full" else ids.shape[1], **kw)
+    cache = make_cache(model, policy, budget=budget if policy != "full" else ids.shape[1], **kw)
     nll, n = 0.0, 0
     with cache:
         for s in range(0, ids.shape[1] - 1, chunk):

@@ -134,7 +134,7 @@ def quantized_draft(model, bits: int = 4, group_size: int = 32, sym: bool = Fals
     head (group 32) and accepts far less.
     """
     from leanlm.compress.quant import QuantEmbedding, RTNConfig
-    from leanlm.compress.quant.gptq import rtn_solve
+    from leanlm.compress.quant.rtn import rtn_solve
 
     if head not in ("fp32", "int8", "int4"):
         raise ValueError(f"head must be fp32, int8 or int4, got {head!r}")

@@ -191,6 +191,8 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None, quantiz
     else:  # compressed modules restore themselves in materialize; the hook sees only float linears
         sd = _read_quantizing(folder, model, quantize, skip=set((meta or {}).get("modules") or {}))
     model = materialize(model, sd, str(folder), meta=meta, dtype=dtype)
+    if quantize is not None:  # linears stored fused (Phi-3's fused q/k/v, fused experts) meet the hook once split
+        model = quantize_linears(model, quantize)
     tok = Tokenizer.from_folder(folder)
     return model, tok
 

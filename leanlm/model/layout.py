@@ -105,6 +105,10 @@ class Layout:
 
 
 LLAMA = Layout()
+# Gemma 2/3: four norms per block; transformers' `post_attention_layernorm` normalizes the attention
+# *output* there, and `pre_feedforward_layernorm` is the one feeding the MLP.
+GEMMA = Layout(mlp_norm="pre_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
+               mlp_post_norm="post_feedforward_layernorm")
 
 
 def layout_of(model_or_cfg) -> Layout:

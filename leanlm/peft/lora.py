@@ -43,6 +43,16 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+@dataclass
+class DoraConfig(LoraConfig):
+    use_dora: bool = True
+
+
+@dataclass
+class LoraFAConfig(LoraConfig):
+    freeze_a: bool = True
+
+
 def matches(name: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None

@@ -11,6 +11,8 @@ quantizes each target weight as the loader reads it, so the fp32 model is never 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -23,6 +25,16 @@ from leanlm.peft.lora import (ALL_LINEAR, LoraConfig, LoraLinear, freeze_base, m
                               with_targets)
 
 QLORA_NF4 = NF4Config(dtype="nf4", block_size=64, double_quant=True)
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    """LoRA over NF4 base weights; saved as a plain LoRA adapter."""
+
+    @staticmethod
+    def quantize_on_load(targets):
+        """The loader hook that makes the targets NF4 as they are read (the float model is never whole)."""
+        return nf4_on_load(targets)
 
 
 def nf4_quantize(weight: torch.Tensor, bias: torch.Tensor | None = None) -> NF4Linear:

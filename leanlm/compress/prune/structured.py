@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from leanlm.errors import LeanLMError
 from leanlm.model.layout import Layout, base_model, blocks, layout_of, set_blocks
 from leanlm.model.surgery import replace_module
+from leanlm.model.moe import SparseMoE
 
 IMPORTANCE = ("activation", "taylor", "magnitude")
 
@@ -49,12 +50,6 @@ class StructuredConfig:
             raise LeanLMError(f"structured importance {self.importance!r}: expected one of {', '.join(IMPORTANCE)}")
         if self.head_ratio is not None and not 0.0 <= self.head_ratio < 1.0:
             raise LeanLMError(f"head_ratio {self.head_ratio}: expected a fraction in [0, 1)")
-
-
-@dataclass
-class LayerDropConfig:
-    num_blocks: int = 4  # blocks removed, the most redundant (highest input/output cosine) first
-    skip_last: int = 1  # never drop the last blocks (they shape the output distribution)
 
 
 # ---------------------------------------------------------------- importance
@@ -275,7 +270,9 @@ def sync_config(model):
     """Rewrite model.config's per-layer shapes from the modules (after shrink_block / drop)."""
     lay, bl = layout_of(model), blocks(model)
     attn = [b.get_submodule(lay.attn) for b in bl]
-    inter = [b.get_submodule(dense_mlp(lay, model.config, i) + lay.down).in_features for i, b in enumerate(bl)]
+    cfg = model.config  # a MoE block keeps the config's width (its experts are not pruned structurally)
+    inter = [cfg.intermediate_size if cfg.is_moe_layer(i) else b.get_submodule(dense_mlp(lay, cfg, i) + lay.down).in_features
+             for i, b in enumerate(bl)]
     model.config = _uniformize(dataclasses.replace(
         model.config, num_layers=len(bl), layer_num_heads=[a.nh for a in attn],
         layer_num_kv_heads=[a.nkv for a in attn], layer_intermediate_size=inter))
@@ -301,4 +298,9 @@ def drop_blocks(model, drop: list[int]):
     lay = layout_of(model)
     for new_i, blk in enumerate(blocks(model)):
         blk.get_submodule(lay.attn).layer = new_i
+        for moe_block in (m for m in blk.modules() if isinstance(m, SparseMoE)):
+            moe_block.layer = new_i
+    if cfg.num_experts:  # which of the kept blocks are mixtures of experts, renumbered
+        moe = [new_i for new_i, old in enumerate(kept) if cfg.is_moe_layer(old)]
+        model.config = dataclasses.replace(cfg, moe_layers=None if len(moe) == len(kept) else moe)
     return sync_config(model)

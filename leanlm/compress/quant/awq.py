@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from leanlm.compress.calibrate import BlockContext
-from leanlm.compress.quant.gptq import RTNConfig
 from leanlm.compress.quant.grid import dequantize, pruned_mask, rtn_quantize
-from leanlm.compress.quant.int8 import fold_scales, smoothing_groups
 from leanlm.compress.quant.qlinear import QuantLinear
+from leanlm.compress.quant.rtn import RTNConfig
+from leanlm.compress.quant.smoothquant import fold_scales, smoothing_groups
 
 
 @dataclass
