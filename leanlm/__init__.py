@@ -26,4 +26,11 @@ def perplexity(model, tokenizer, text, **kw):
     return _perplexity(model, tokenizer, text, **kw)
 
 
-__all__ = ["load", "save", "generate", "stream", "perplexity", "LeanLMError"]
+def compress_prompt(context, question=None, rate=0.5, model=None, tokenizer=None, **kw):
+    """Compress a prompt's context to `rate` of its tokens: see leanlm.data.prompt_compress."""
+    from leanlm.data.prompt_compress import compress_prompt as _compress
+
+    return _compress(context, question, rate, model, tokenizer, **kw)
+
+
+__all__ = ["load", "save", "generate", "stream", "perplexity", "compress_prompt", "LeanLMError"]

@@ -17,6 +17,8 @@ EXTERNAL = {
     "distill": ("leanlm.train.distill_cli", "knowledge distillation from a frozen teacher (KL, reverse KL, JSD)"),
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
     "board": ("leanlm.eval.board", "every recipe on one model: quality, size, speed, Pareto plots"),
+    "data": ("leanlm.data.cli", "data tools: dedup, filter, select (DSIR, IFD, diversity), few-shot demos"),
+    "prompt": ("leanlm.data.prompt_cli", "prompt compression (LLMLingua / LongLLMLingua style)"),
     "pretrain": ("leanlm.train.pretrain_cli", "pre-train from random init or continue (FSDP2 under torchrun)"),
     "export": ("leanlm.io.export_cli", "write a model as a GGUF file for llama.cpp (f32 ... q4_k, q6_k)"),
 }

@@ -321,10 +321,26 @@ class Server:
         return k
 
 
-def usage(prompts, n, choices) -> dict:
+def usage(prompts, n, choices, saved: int | None = None) -> dict:
     p = sum(len(x) for x in prompts)  # as OpenAI: the prompt counts once, whatever n
     c = sum(len(ch.ids) for ch in choices.values())
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    if saved is not None:  # the request asked for leanlm.compress_prompt
+        out["prompt_tokens_saved"] = saved
+    return out
+
+
+async def compress_request(srv, body, chat: bool):
+    """The request with its prompt compressed when it asks (leanlm.serve.prompt_option), and the
+    prompt tokens saved (None when it does not ask). Runs in a worker thread: it scores with the model."""
+    from leanlm.serve import prompt_option
+
+    if not isinstance(body, dict) or body.get("leanlm") is None:
+        return body, None
+    try:
+        return await asyncio.to_thread(prompt_option.apply, body, chat, srv.aengine.engine.model, srv.tok)
+    except prompt_option.OptionError as e:
+        raise APIError(400, str(e), "leanlm")
 
 
 def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None):
@@ -409,7 +425,7 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
             raise APIError(400, f"the request body is not valid JSON ({e})")
 
     async def handle(request: Request, chat: bool):
-        body = await read_body(request)
+        body, saved = await compress_request(srv, await read_body(request), chat)
         prompts, params, n, stops, stream, include_usage = srv.prepare(body, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -438,7 +454,7 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                     out.append({"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                                 "logprobs": c.completion_logprobs(entries) if entries is not None else None})
             return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": out,
-                    "usage": usage(prompts, n, choices)}
+                    "usage": usage(prompts, n, choices, saved)}
 
         async def sse():
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -469,7 +485,7 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                         yield chunk([{"index": c.index, "text": delta, "logprobs": lp,
                                       "finish_reason": c.finish_reason}])
                 if include_usage:
-                    yield chunk([], usage=usage(prompts, n, choices))
+                    yield chunk([], usage=usage(prompts, n, choices, saved))
                 yield "data: [DONE]\n\n"
             except APIError as e:
                 yield "data: " + json.dumps(e.body()) + "\n\n"
