@@ -15,7 +15,6 @@ same prompt), and leanlm's perplexity on the packaged evaluation text (`leanlm e
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys

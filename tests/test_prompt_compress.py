@@ -105,13 +105,13 @@ def test_bad_input_errors(models, tok, tmp_path, capsys):  # noqa: F811
 
 @pytest.mark.slow
 def test_default_model_keeps_the_planted_answer_at_4x(default_model, tmp_path, capsys):
-    model, tok = default_model
+    model, tokenizer = default_model
     docs = paragraphs("eval", 4, min_words=60)
     docs[2] += " The name of Mr. Elliot's horse was Bramble."
     q = "What was the name of Mr. Elliot's horse?"
-    res = leanlm.compress_prompt(docs, q, rate=0.25, model=model, tokenizer=tok)
+    res = leanlm.compress_prompt(docs, q, rate=0.25, model=model, tokenizer=tokenizer)
     assert "Bramble" in res["compressed_prompt"] and 3.4 < res["ratio"] < 4.6
-    assert rank_segments(model, tok, [tok.encode(d, add_special=False) for d in docs], q)[0] == 2
+    assert rank_segments(model, tokenizer, [tokenizer.encode(d, add_special=False) for d in docs], q)[0] == 2
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = tmp_path / "short.txt"
