@@ -190,6 +190,17 @@ class Engine:
         self._finish(seq, "abort")
         return True
 
+    def reset(self) -> None:
+        """Drop every request and rebuild the block bookkeeping (after a failure left it unknown)."""
+        for seq in self.seqs.values():
+            seq.status, seq.finish_reason = "finished", "abort"
+        self.waiting.clear()
+        self.running.clear()
+        self.seqs.clear()
+        self.cache.reset()
+        if self.adapters is not None:
+            self.adapters.release_all()
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

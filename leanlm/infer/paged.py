@@ -142,6 +142,13 @@ class PagedKVCache:
             self.v[layer][slots] = v[start:end].to(self.v[layer].dtype)
         self.lengths[seq_id] = end
 
+    def reset(self) -> None:
+        """Every block free, no sequence (the prefix cache is dropped too)."""
+        self.alloc = BlockAllocator(self.num_blocks)
+        self.tables.clear()
+        self.lengths.clear()
+        self._step = None
+
     def cancel_step(self) -> None:
         """Forget a prepared step whose forward raised (nothing advanced)."""
         self._step = None
