@@ -89,6 +89,22 @@ def read_lora(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return {"r": cfg.r, "scaling": cfg.scaling}, tensors
 
 
+def lora_weights(folder: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
+    """({module name: (A, B)}, rank, scaling) of a peft LoRA folder (read off the engine thread)."""
+    from leanlm.peft.io import PREFIX
+
+    conf, tensors = read_lora(folder)
+    weights = {}
+    for k, t in tensors.items():
+        if not k.startswith(PREFIX) or not k.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise LeanLMError(f"{folder}: unexpected tensor {k} in a LoRA adapter")
+        mod, _, which = k[len(PREFIX):-len(".weight")].rpartition(".")
+        weights.setdefault(mod, [None, None])[which == "lora_B"] = t
+    if any(a is None or b is None for a, b in weights.values()):
+        raise LeanLMError(f"{folder}: a LoRA layer lacks its A or B tensor")
+    return {m: (a, b) for m, (a, b) in weights.items()}, conf["r"], conf["scaling"]
+
+
 class LoraPool:
     """Stacked LoRA weights for `slots` adapters at once, filled on demand with LRU reuse."""
 
@@ -136,19 +152,8 @@ class LoraPool:
         self.adapters[index] = Adapter(name, rank, out, path)
 
     def register_folder(self, index: int, name: str, folder: str | Path) -> None:
-        from leanlm.peft.io import PREFIX
-
-        conf, tensors = read_lora(folder)
-        weights = {}
-        for k, t in tensors.items():
-            if not k.startswith(PREFIX) or not k.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise LeanLMError(f"{folder}: unexpected tensor {k} in a LoRA adapter")
-            mod, _, which = k[len(PREFIX):-len(".weight")].rpartition(".")
-            weights.setdefault(mod, [None, None])[which == "lora_B"] = t
-        if any(a is None or b is None for a, b in weights.values()):
-            raise LeanLMError(f"{folder}: a LoRA layer lacks its A or B tensor")
-        self.register(index, name, {m: (a, b) for m, (a, b) in weights.items()}, conf["r"], conf["scaling"],
-                      str(folder))
+        weights, rank, scaling = lora_weights(folder)
+        self.register(index, name, weights, rank, scaling, str(folder))
 
     def unregister(self, index: int) -> None:
         if self.pins.get(index):
