@@ -488,8 +488,17 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
             for item in s.get("paths", {}).values():
                 for op in item.values():
                     op.get("responses", {}).pop("422", None)
+            comps = s.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                s.get("components", {}).get("schemas", {}).pop(name, None)
+                comps.pop(name, None)
+            # FastAPI's OpenAPI models hold bounds as floats (2^63-1 would become 2^63): take the request
+            # bodies' schemas from pydantic itself, exact
+            for cls in (CompletionRequest, ChatCompletionRequest, schema.LoadLoraRequest, schema.UnloadLoraRequest):
+                js = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+                for k, v in js.pop("$defs", {}).items():
+                    comps[k] = v
+                if cls.__name__ in comps:
+                    comps[cls.__name__] = js
             app.openapi_schema = s
         return app.openapi_schema
     app.openapi = openapi

@@ -224,6 +224,7 @@ class AsyncEngine:
             time.sleep(every)
             if self._stopping or self._thread.is_alive():
                 continue
-            self.restarts += 1  # the loop thread died (BaseException): fail its requests, start a new one
+            # the loop thread died (a BaseException): fail its requests, start a new one
             self._fail_all("the engine stopped unexpectedly and was restarted; retry the request")
             self._thread = self._start()
+            self.restarts += 1
