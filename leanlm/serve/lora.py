@@ -4,14 +4,14 @@ Adapters given at start-up (`--lora NAME=PATH`) and loaded at run time (POST /v1
 only from folders under the server's --lora-dir) live in the engine's LoraPool; requests of different
 adapters share one batch. /v1/models lists each adapter with its `parent`, the base model.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI resolves the routes' body types from annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
+from leanlm.serve import schema
 
 
 @dataclass
@@ -64,7 +64,6 @@ def _unregister(engine, pool, index: int) -> None:
 def add_routes(app, srv, reg: LoraRegistry, APIError) -> None:
     """POST /v1/load_lora_adapter and /v1/unload_lora_adapter on the FastAPI app."""
     from leanlm.peft.multi_lora import lora_weights
-    from leanlm.serve import schema
 
     aeng = srv.aengine
     errors = schema.error_responses(400, 401, 403, 404)
