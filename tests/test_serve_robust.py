@@ -246,3 +246,56 @@ def test_sigterm_drains_then_exits(tmp_path, drain, finish):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_openai_client_every_supported_field(server):
+    """The openai client, streaming and not, with every field the server implements: same seeded text."""
+    c = server["client"]
+    common = dict(model=NAME, max_tokens=6, temperature=0.9, top_p=0.95, n=2, seed=11, stop=["w3", "w4"],
+                  presence_penalty=0, frequency_penalty=0, user="u1",
+                  extra_body={"top_k": 40, "repetition_penalty": 1.1, "ignore_eos": True})
+    r = c.completions.create(prompt=["w5 w6", "w7"], logprobs=2, echo=False, **common)
+    assert len(r.choices) == 4 and all(len(ch.logprobs.top_logprobs[0]) == 2 for ch in r.choices if ch.text)
+    texts = {}
+    for ev in c.completions.create(prompt=["w5 w6", "w7"], logprobs=2, stream=True,
+                                   stream_options={"include_usage": True}, **common):
+        for ch in ev.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert [texts[i] for i in range(4)] == [ch.text for ch in sorted(r.choices, key=lambda x: x.index)]
+    msgs = [{"role": "system", "content": "w9"}, {"role": "user", "content": [{"type": "text", "text": "w5 w6"}],
+                                                  "name": "me"}]
+    kw = dict(common, max_tokens=None, max_completion_tokens=6)
+    ch = c.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=3, **kw)
+    assert len(ch.choices) == 2 and ch.usage.completion_tokens > 0
+    assert all(len(t.top_logprobs) == 3 for t in ch.choices[0].logprobs.content)
+    streamed = {}
+    for ev in c.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=3, stream=True, **kw):
+        for x in ev.choices:
+            streamed[x.index] = streamed.get(x.index, "") + (x.delta.content or "")
+    assert [streamed[i] for i in range(2)] == [x.message.content for x in sorted(ch.choices, key=lambda x: x.index)]
+    wait_idle(server["eng"])
+
+
+def test_disconnects_mid_stream_under_load_free_blocks(server):
+    """16 concurrent streams, half dropped by their clients mid-way: the rest finish, every block comes back."""
+    eng = server["eng"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server["url"], headers=H, timeout=60) as h:
+            async def one(i):
+                body = {"model": NAME, "prompt": f"w{10 + i} w5", "max_tokens": 60, "stream": True,
+                        "ignore_eos": True}
+                async with h.stream("POST", "/v1/completions", json=body) as r:
+                    n, last = 0, None
+                    async for line in r.aiter_lines():
+                        if line.startswith("data:"):
+                            n, last = n + 1, line
+                            if i % 2 and n == 3:
+                                return "dropped"
+                    return last
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(16))), 120)
+    before = server["srv"].stream_aborts
+    got = asyncio.run(main())
+    assert got.count("dropped") == 8 and got.count("data: [DONE]") == 8
+    wait_idle(eng)
+    assert server["srv"].stream_aborts - before == 8
