@@ -15,6 +15,7 @@ EXTERNAL = {
     "compress": ("leanlm.compress.cli", "compress a model with a recipe (quantize, prune, low-rank)"),
     "finetune": ("leanlm.peft.cli", "parameter-efficient fine-tuning (LoRA, DoRA, QLoRA, ...)"),
     "serve": ("leanlm.serve.cli", "OpenAI-compatible HTTP server over the batching engine"),
+    "pretrain": ("leanlm.train.pretrain_cli", "pre-train from random init or continue (FSDP2 under torchrun)"),
 }
 
 
@@ -48,6 +49,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4, 2], help="quantized KV cache")
 
 
 def generation_config(args):
@@ -59,7 +61,7 @@ def generation_config(args):
         raise LeanLMError("--top-p must be in (0, 1]")
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop_strings=list(args.stop))
+                            stop_strings=list(args.stop), kv_bits=getattr(args, "kv_bits", None))
 
 
 # ---------------------------------------------------------------- info

@@ -32,8 +32,11 @@ def tiny_hf(kind: str = "llama", seed: int = 0, **over):
 def to_leanlm(hf_model):
     from leanlm.model import ModelConfig, Transformer
 
+    from leanlm.model.families import family
+
     m = Transformer(ModelConfig.from_hf(hf_model.config.to_dict()))
-    m.load_state_dict(hf_model.state_dict(), strict=False)
+    # the family's key map: transformers keeps MoE experts fused in memory
+    m.load_state_dict(family(m.config.model_type).load_keys(hf_model.state_dict(), m.config), strict=False)
     m.tie_weights()
     return m.eval()
 
@@ -69,3 +72,39 @@ def default_model():
     import leanlm
 
     return leanlm.load()
+
+
+MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+       "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
+                         num_hidden_layers=3),
+       "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)}
+
+
+def tiny_moe(kind: str = "mixtral", seed: int = 0, **over):
+    """A tiny transformers mixture-of-experts model with EVERY parameter random: norms, biases, router,
+    experts (transformers keeps experts fused in memory; save_pretrained writes them one per expert)."""
+    import transformers
+
+    cls = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
+           "qwen3_moe": transformers.Qwen3MoeConfig}[kind]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**{**TINY, **MOE[kind], **over})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif p.dim() == 1:
+                p.normal_(0, 0.2)
+            else:
+                p.normal_(0, 0.2)
+    return model
+
+
+def save_tiny_tokenizer(folder, vocab_size: int = 128):
+    """A word-level tokenizer.json whose tokens are the ids' digits (enough for leanlm.load)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({str(i): i for i in range(vocab_size)}, unk_token="0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))

@@ -24,7 +24,7 @@ def test_every_builtin_recipe_validates_on_a_model():
     model = tiny_model()
     for name in builtin_names() + ["w4a16-gptq-g128", "w3a16-awq-g128", "w2a16-gptq-g64"]:
         if name.startswith(("sparse", "structured", "layerdrop", "lowrank")):
-            continue  # the pruning engineer's recipes are tested in test_prune*
+            continue  # pruning recipes are tested in test_prune*
         steps = resolve(load_recipe(name), model)
         assert steps and all(s.modules for s, _ in steps)
 

@@ -101,7 +101,8 @@ class BlockContext:
         def fn(n, x):
             got[n].append(x if per is None or x.shape[0] <= per else x[:: max(1, x.shape[0] // per)][:per])
         self.collect(names, fn)
-        return {n: torch.cat(v) for n, v in got.items()}
+        # a module that never ran (a MoE expert no token was routed to) gets no rows
+        return {n: torch.cat(v) if v else torch.zeros(0, self.layer(n).in_features) for n, v in got.items()}
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ A file may also be a mapping with a `steps:` list. Methods come from plain dicts
 against the model (unknown method, unknown field, bad value, target matching nothing) before any
 work starts; errors name the recipe file and line. Targets are regexes searched in module names
 (`model.layers.3.mlp.down_proj`); the default targets every Linear inside the decoder blocks
-(so lm_head and the embedding stay in full precision).
+(so lm_head and the embedding stay in full precision, and so do MoE routers: the layout's router group).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from leanlm.compress.calibrate import Method, Step, run_steps
+from leanlm.model.layout import all_block_linears
 from leanlm.model.surgery import select_modules
 from leanlm.errors import LeanLMError
 
@@ -218,6 +219,9 @@ def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:
         cfg = build_config(cls, fields, where)
         layer_types = how.layer_types if isinstance(how, Method) else (nn.Linear,)
         modules = select_modules(model, s.targets, s.ignore, layer_types)
+        if s.targets == DEFAULT_TARGETS:  # by default MoE routers stay in full precision (tiny; a flip reroutes)
+            routers = set(all_block_linears(model, "router"))
+            modules = [n for n in modules if n not in routers]
         if not modules:
             key = "targets" if "targets" in s.field_lines else "method"
             raise LeanLMError(f"{where(key)}: targets {s.targets} (ignoring {s.ignore}) match no layer of this "

@@ -38,7 +38,14 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig,
     for i, p in enumerate(prompts):
         ids[i, P - len(p):] = torch.tensor(p)
         valid[i, P - len(p):] = True
-    cache = model.new_cache(B, P + cfg.max_new_tokens, valid=None if bool(valid.all()) else valid)
+    valid = None if bool(valid.all()) else valid
+    if cfg.kv_bits:
+        from leanlm.infer.kv_quant import QuantizedKVCache
+
+        cache = QuantizedKVCache(model.config, B, P + cfg.max_new_tokens, bits=cfg.kv_bits, dtype=model.dtype,
+                                 valid=valid)
+    else:
+        cache = model.new_cache(B, P + cfg.max_new_tokens, valid=valid)
     gen = make_generator(cfg.seed)
     seen = None
     if cfg.repetition_penalty != 1.0:

@@ -28,6 +28,7 @@ class GenerationConfig(SamplingConfig):
     stop_token_ids: list[int] | None = None  # None: the tokenizer's end-of-sequence ids
     stop_strings: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    kv_bits: int | None = None  # store the KV cache in 8/4/2 bits (leanlm/infer/kv_quant.py); None: model dtype
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from leanlm.errors import LeanLMError
 from leanlm.io.atomic import atomic_dir
 from leanlm.model.config import ModelConfig, read_hf_config
+from leanlm.model.families import family
 from leanlm.model.transformer import Transformer
 
 # Keys some checkpoints carry that are derived, not weights.
@@ -140,8 +141,12 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise _unreadable(path, e)
 
+        # leanlm's names -> the checkpoint's (a family's key map renames; fused tensors stay as they are)
+        where = {new: where[old] + (old,) for new, old in
+                 family(model.config.model_type).load_keys({k: k for k in where}, model.config).items()}
+
         def read(key):
-            f, path = where.pop(key)
+            f, path, key = where.pop(key)
             try:
                 return f.get_tensor(key)
             except (SafetensorError, OSError, RuntimeError) as e:
@@ -163,7 +168,8 @@ def _read_quantizing(folder: Path, model: Transformer, quantize, skip=()) -> dic
             replace_module(model, name, new)
             del weight, bias
             trim_heap()
-        return {**kept, **{k: read(k) for k in list(where)}}
+        rest = {k: read(k) for k in list(where)}
+        return {**kept, **family(model.config.model_type).load_keys(rest, model.config)}
 
 
 def trim_heap() -> None:
@@ -190,7 +196,7 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None, quantiz
     meta = raw.get("leanlm_compression")
     model = build_on_meta(cfg)
     if quantize is None:
-        sd = _read_safetensors(folder)
+        sd = family(cfg.model_type).load_keys(_read_safetensors(folder), cfg)
     else:  # compressed modules restore themselves in materialize; the hook sees only float linears
         sd = _read_quantizing(folder, model, quantize, skip=set((meta or {}).get("modules") or {}))
     model = materialize(model, sd, str(folder), meta=meta, dtype=dtype)
@@ -232,6 +238,8 @@ def save_hf_folder(model: Transformer, tokenizer, folder: str | Path, dtype: tor
         tensors = model.state_dict()
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    if not meta:  # the family's checkpoint names (compressed checkpoints keep leanlm's, which load as they are)
+        tensors = family(cfg.model_type).save_keys(tensors, cfg)
     out, ptrs = {}, set()
     for k, v in tensors.items():
         v = v.detach()

@@ -142,6 +142,8 @@ class ModelConfig:
                 layer_num_kv_heads=d.get("leanlm_layer_num_kv_heads"),
                 layer_intermediate_size=d.get("leanlm_layer_intermediate_size"),
             )
+            for k, v in fam.read_config(d, cfg.num_layers).items():  # fields the family reads its own way
+                setattr(cfg, k, v)
             for k, v in fam.fixed.items():  # what the family always has (transformers hard-codes it)
                 setattr(cfg, k, v)
         except KeyError as e:
@@ -186,6 +188,7 @@ class ModelConfig:
             d[fam.sliding_flag] = self.sliding_window is not None
         if fam.out_bias_follows_qkv and self.attention_bias != self.attention_out_bias:
             raise LeanLMError(f"{self.model_type} config cannot express q/k/v bias without o_proj bias")
+        d.update(fam.write_config(self))
         if not self.uniform:
             d["leanlm_layer_num_heads"] = self.layer_num_heads
             d["leanlm_layer_num_kv_heads"] = self.layer_num_kv_heads

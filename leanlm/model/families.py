@@ -13,11 +13,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from leanlm.errors import LeanLMError
+from leanlm.model import moe
 from leanlm.model.layout import LLAMA, Layout
 
 
 def _identity(sd: dict, cfg) -> dict:
     return sd
+
+
+def _nothing(*args) -> dict:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,15 @@ class Family:
     out_bias_follows_qkv: bool = True  # o_proj has a bias whenever attention_bias is set (Llama); else never (Qwen2)
     sliding_flag: str | None = None  # config.json key that must be true for sliding_window to apply
     gguf_sliding: bool = False  # among families sharing a GGUF architecture, the one a sliding window means
-    # checkpoint keys <-> leanlm's state dict keys (fused q/k/v, per-expert names...)
+    # checkpoint keys <-> leanlm's state dict keys (fused q/k/v, per-expert names...). load_keys must
+    # rename keys whatever their values are (the quantizing loader maps key names through it first) and
+    # leave leanlm's own names unchanged (leanlm's compressed checkpoints keep them).
     load_keys: Callable[[dict, object], dict] = _identity
     save_keys: Callable[[dict, object], dict] = _identity
+    # config.json fields read/written the family's own way: read_config(d, num_layers) -> ModelConfig
+    # fields; write_config(cfg) -> config.json fields
+    read_config: Callable[[dict, int], dict] = _nothing
+    write_config: Callable[[object], dict] = _nothing
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
@@ -41,6 +52,18 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("qwen2", "Qwen2ForCausalLM", "qwen2", fixed={"attention_bias": True, "attention_out_bias": False},
            out_bias_follows_qkv=False, sliding_flag="use_sliding_window"),
     Family("qwen3", "Qwen3ForCausalLM", "qwen3", fixed={"qk_norm": True}, sliding_flag="use_sliding_window"),
+    # mixtures of experts (leanlm/model/moe.py). llama.cpp writes Mixtral as "llama" with expert tensors.
+    Family("mixtral", "MixtralForCausalLM", "llama", fixed={"norm_topk_prob": True},
+           load_keys=moe.mixtral_load_keys, save_keys=moe.mixtral_save_keys,
+           read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=True), write_config=moe.write_mixtral),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", out_bias_follows_qkv=False,
+           sliding_flag="use_sliding_window", load_keys=moe.split_fused_experts,
+           read_config=lambda d, n: {**moe.read_moe_config(d, n, norm_default=False),
+                                     "attention_bias": bool(d.get("qkv_bias", True)), "attention_out_bias": False},
+           write_config=lambda c: {**moe.write_moe_config(c), "qkv_bias": c.attention_bias}),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", fixed={"qk_norm": True}, sliding_flag="use_sliding_window",
+           load_keys=moe.split_fused_experts, read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=False),
+           write_config=moe.write_moe_config),
 ]}
 
 

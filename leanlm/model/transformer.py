@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.model.config import ModelConfig
+from leanlm.model.moe import SparseMoE
 from leanlm.model.rope import RopeTable, apply_rope
 
 
@@ -236,9 +237,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, width: int | None = None):
         super().__init__()
-        inter = cfg.intermediate(layer)
+        inter = cfg.intermediate(layer) if width is None else width  # width: a MoE expert's
         self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
@@ -257,7 +258,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, layer)
+        self.mlp = SparseMoE(cfg, layer, lambda w: MLP(cfg, layer, w)) if cfg.is_moe_layer(layer) else MLP(cfg, layer)
 
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -324,9 +325,11 @@ class Transformer(nn.Module):
         any later module swap (LoRA, quantization), training or dtype change falls back to the plain path.
         Call it again after such a change to re-fuse."""
         for layer in self.model.layers:
-            a, m = layer.self_attn, layer.mlp
+            a = layer.self_attn
             fuse_linears(a, "_qkv", (a.q_proj, a.k_proj, a.v_proj))
-            fuse_linears(m, "_gate_up", (m.gate_proj, m.up_proj))
+            for m in layer.modules():  # the MLP, or each expert of a MoE block
+                if isinstance(m, MLP):
+                    fuse_linears(m, "_gate_up", (m.gate_proj, m.up_proj))
         return self
 
     def new_cache(self, batch: int, max_len: int, valid: torch.Tensor | None = None) -> KVCache:

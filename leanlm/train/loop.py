@@ -35,10 +35,12 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
     weight_decay: float = 0.0
-    optimizer: str = "adamw"  # adamw | lion | sgd | mezo
+    optimizer: str = "adamw"  # adamw | muon | lion | adam-mini | schedule-free | adafactor | sgd | mezo
     betas: list[float] | None = None
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
     max_grad_norm: float | None = 1.0
     bf16: bool = False  # autocast matmuls to bfloat16 on CPU
     grad_checkpointing: bool = False
@@ -82,12 +84,32 @@ def collate(examples: list[dict], pad_id: int = 0) -> tuple[torch.Tensor, torch.
     return ids, labels
 
 
-def micro_batch(data: list[dict], position: int, batch_size: int, seed: int) -> list[dict]:
-    """The examples of micro-batch number `position` (epochs reshuffle with a generator seeded by epoch)."""
+def micro_batch(data: list[dict], position: int, batch_size: int, seed: int, rank: int = 0,
+                world: int = 1) -> list[dict]:
+    """The examples of micro-batch number `position` (epochs reshuffle with a generator seeded by epoch).
+    batch_size is global: with `world` processes, rank r takes every world-th example from r, so N
+    processes together see exactly the one-process batch."""
     per_epoch = max(1, len(data) // batch_size)
     epoch, k = divmod(position, per_epoch)
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return [data[int(i)] for i in perm[k * batch_size:(k + 1) * batch_size]]
+    return [data[int(i)] for i in perm[k * batch_size:(k + 1) * batch_size][rank::world]]
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialized (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _optimizer_mode(opt, mode: str) -> None:
+    """Schedule-free optimizers hold the training point in the parameters; evaluation and saving want the
+    average. Others ignore this."""
+    fn = getattr(opt, mode, None) if hasattr(opt, "_swap") else None
+    if fn is not None:
+        fn()
 
 
 def lm_head(model):
@@ -169,7 +191,15 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
     if mezo:
         opt = MeZO(params, lr=cfg.lr, eps=cfg.mezo_eps, weight_decay=cfg.weight_decay)
     else:
-        opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.betas)
+        from leanlm.model.layout import EMBED, HEAD
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.betas, named=named,
+                             keep_adam=tuple(n for n in (EMBED, HEAD)))
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise LeanLMError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by the "
+                          f"{world} processes")
     out = Path(cfg.out_dir) if cfg.out_dir else None
     log = out / "log.jsonl" if out else None
     step, position = 0, 0
@@ -188,14 +218,15 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
     model.train()
     t0 = time.perf_counter()
     bar = None
-    if cfg.progress:
+    if cfg.progress and rank == 0:
         from leanlm.report import progress
         bar = progress()
         bar.start()
         task = bar.add_task("training", total=cfg.max_steps, completed=step)
     try:
         while step < cfg.max_steps:
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule,
+                       cfg.decay_fraction)
             for g in opt.param_groups:
                 g["lr"] = lr
             ts = time.perf_counter()
@@ -214,7 +245,7 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
             else:
                 loss_val = 0.0
                 for _ in range(cfg.grad_accum):
-                    batch = micro_batch(data, position, cfg.batch_size, cfg.seed)
+                    batch = micro_batch(data, position, cfg.batch_size, cfg.seed, rank, world)
                     ids, labels = collate(batch, cfg.pad_id)
                     position += 1
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -222,6 +253,10 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
                     (loss / cfg.grad_accum).backward()
                     loss_val += float(loss.detach()) / cfg.grad_accum
                     tokens += sum(len(e["input_ids"]) for e in batch)  # tokens processed, not just labelled
+                if world > 1:  # log the global batch's loss on every rank (each rank saw its own share)
+                    from leanlm.train.distributed import mean_over_ranks
+
+                    loss_val = mean_over_ranks(loss_val)
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
@@ -233,15 +268,19 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
             rec = {"step": step, "loss": round(loss_val, 6), "lr": lr, "tokens": tokens,
                    "tok_per_s": round(tokens / dt, 1) if dt else 0.0, "step_s": round(dt, 4)}
             if cfg.eval_every and eval_data and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                _optimizer_mode(opt, "eval")
                 rec["eval_loss"] = evaluate_loss(model, eval_data, cfg.batch_size, cfg.bf16, cfg.pad_id)
+                _optimizer_mode(opt, "train")
                 res.evals.append({"step": step, "eval_loss": rec["eval_loss"]})
-            if log:
+            if log and rank == 0:
                 with open(log, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             if bar is not None:
                 bar.update(task, completed=step,
                            description=f"loss {loss_val:.4f}  {rec['tok_per_s']:.0f} tok/s")
-            if out and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            if out and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps) and rank == 0:
+                # a schedule-free checkpoint holds the training point y (its state holds z): resume continues
+                # exactly; the model saved at the end holds the average x
                 save_checkpoint(out, model, opt, {"step": step, "position": position, "config": asdict(cfg)},
                                 keep_last=cfg.keep_last)
             if callback is not None:
@@ -249,6 +288,7 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
     finally:
         if bar is not None:
             bar.stop()
+        _optimizer_mode(opt, "eval")  # the trained model is the schedule-free average
     res.steps = step
     res.seconds = time.perf_counter() - t0
     res.peak_rss_mb = peak_rss_mb()

@@ -82,9 +82,9 @@ def wanda_score(weight: torch.Tensor, state: dict) -> torch.Tensor:
 
 
 def wanda_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: float | None = None) -> None:
-    if state["n"] == 0:
-        raise LeanLMError("wanda: no calibration inputs reached this layer; check the calibration data")
     s = cfg.sparsity if sparsity is None else sparsity
+    if state["n"] == 0:  # no token reached it (a MoE expert nothing was routed to): equal input norms
+        return magnitude_solve(state, layer, cfg, s)
     _apply_mask(layer, select_mask(wanda_score(layer.weight, state), s, cfg.pattern))
 
 
@@ -129,8 +129,6 @@ def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: f
     representable) inside the same pass, so quantization error is compensated too, and a packed
     QuantLinear is returned; otherwise layer.weight is updated in place and None is returned.
     """
-    if state["n"] == 0:
-        raise LeanLMError("sparsegpt: no calibration inputs reached this layer; check the calibration data")
     s = cfg.sparsity if sparsity is None else sparsity
     nm = parse_pattern(cfg.pattern)
     prune_n, m = nm if nm is not None else (0, 0)
@@ -139,7 +137,9 @@ def sparsegpt_solve(state: dict, layer: nn.Linear, cfg: PruneConfig, sparsity: f
     if nm is not None and cols % m:
         raise LeanLMError(f"N:M sparsity with M={m} needs the input width ({cols}) divisible by {m}")
     pruned_before = W == 0  # masks of earlier steps stay applied (prune, then quantize with sparsity 0)
-    H = hessian(state).clone()
+    # No token reached it (a MoE expert nothing was routed to): identity Hessian, i.e. magnitude pruning
+    # (and plain rounding) with no error compensation, rather than zeroing every "dead" column.
+    H = hessian(state).clone() if state["n"] else torch.eye(cols)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0

@@ -91,22 +91,24 @@ def clip_weight(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
 
 @torch.no_grad()
 def awq_block(ctx: BlockContext, cfg: AWQConfig):
-    prefix = f"model.layers.{ctx.index}."
-    X = {n: v.float() for n, v in ctx.capture(ctx.modules, max_tokens=cfg.max_tokens).items()}
     targets = set(ctx.modules)
-    for prev, how, rel in smoothing_groups(ctx.block):
-        names = [prefix + r for r in rel]
-        if not targets.intersection(names):
-            continue
-        x = X[next(n for n in names if n in X)]
+    groups = [g for g in smoothing_groups(ctx) if targets.intersection(g[2])]
+    # every linear of a touched group is captured: in a MoE block the router sees all the norm's tokens,
+    # an expert only those routed to it (possibly none)
+    X = {n: v.float() for n, v in ctx.capture(sorted(targets.union(*[g[2] for g in groups])),
+                                               max_tokens=cfg.max_tokens).items()}
+    for prev, how, names in groups:
+        x = max((X[n] for n in names), key=len)
+        if not len(x):
+            continue  # no calibration token reached this group (an unused expert): no scaling
         lins = [ctx.layer(n) for n in names]
         s = search_scale(x, [lin.weight for lin in lins], cfg)
         fold_scales(prev, how, lins, s)
         for n in names:
-            if n in X:
-                X[n] = X[n] / s
+            X[n] = X[n] / s
     for n in ctx.modules:
         lin = ctx.layer(n)
-        w = clip_weight(lin.weight, X[n], cfg) if cfg.clip else lin.weight
+        # no token (an unused expert): plain RTN, nothing to measure a clipping error on
+        w = clip_weight(lin.weight, X[n], cfg) if cfg.clip and len(X[n]) else lin.weight
         codes, sc, off = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, pruned_mask(w, cfg.keep_zeros))
         ctx.replace(n, QuantLinear.from_codes(codes, sc, off, cfg.bits, cfg.group_size, cfg.sym, bias=lin.bias))

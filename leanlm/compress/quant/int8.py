@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.compress.calibrate import BlockContext
+from leanlm.model.layout import base_model, block_prefix, layout_of
 
 
 def quantize_rows(x: torch.Tensor):
@@ -109,11 +110,16 @@ class SmoothQuantConfig:
             raise ValueError("alpha must be in [0, 1]")
 
 
-def smoothing_groups(block) -> list[tuple[nn.Module, str, list[str]]]:
-    """(module whose output feeds the linears, how to fold: 'norm' or 'rows', linears relative to the block)."""
-    return [(block.input_layernorm, "norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-            (block.post_attention_layernorm, "norm", ["mlp.gate_proj", "mlp.up_proj"]),
-            (block.mlp.up_proj, "rows", ["mlp.down_proj"])]
+def smoothing_groups(ctx: BlockContext) -> list[tuple[nn.Module, str, list[str]]]:
+    """(module whose output feeds the linears, how to fold: 'norm' or 'rows', full names of the linears),
+    from the layout: a MoE block's norm feeds the router and every expert, each expert's up_proj its
+    own down_proj. Groups holding an already-replaced (quantized) layer are left out: no weight to fold."""
+    pre, out = block_prefix(ctx.index), []
+    for prev, how, rel in layout_of(ctx.model).smoothing(base_model(ctx.model).config, ctx.index):
+        names = [pre + r for r in rel]
+        if all(type(ctx.layer(n)) is nn.Linear for n in names):
+            out.append((ctx.block.get_submodule(prev), how, names))
+    return out
 
 
 @torch.no_grad()
@@ -131,19 +137,19 @@ def fold_scales(prev: nn.Module, how: str, linears: list[nn.Linear], s: torch.Te
 
 @torch.no_grad()
 def smoothquant_block(ctx: BlockContext, cfg: SmoothQuantConfig):
-    prefix = f"model.layers.{ctx.index}."
     absmax: dict[str, torch.Tensor] = {}
 
     def fn(name, x):
         a = x.abs().amax(0).float()
         absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
-    ctx.collect(ctx.modules, fn)
     targets = set(ctx.modules)
-    for prev, how, rel in smoothing_groups(ctx.block):
-        names = [prefix + r for r in rel]
-        if not targets.intersection(names) or not all(n in absmax or n not in targets for n in names):
+    groups = [g for g in smoothing_groups(ctx) if targets.intersection(g[2])]
+    ctx.collect(sorted(targets.union(*[g[2] for g in groups])), fn)
+    for prev, how, names in groups:
+        seen = [absmax[n] for n in names if n in absmax]  # a MoE expert no token was routed to saw nothing
+        if not seen:
             continue
-        act = torch.stack([absmax[n] for n in names if n in absmax]).amax(0)
+        act = torch.stack(seen).amax(0)
         lins = [ctx.layer(n) for n in names]
         wmax = torch.stack([lin.weight.abs().amax(0).float() for lin in lins]).amax(0)
         s = (act.clamp_min(1e-5).pow(cfg.alpha) / wmax.clamp_min(1e-5).pow(1 - cfg.alpha)).clamp_min(1e-5)
