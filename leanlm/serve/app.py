@@ -87,7 +87,7 @@ class Server:
         self.vocab = eng.cfg.vocab_size
         self.request_timeout, self.max_choices, self.max_prompts = request_timeout, max_choices, max_prompts
         self.CompletionRequest, self.ChatCompletionRequest = schema.request_models(
-            self.vocab, eng.max_model_len, max_prompts)
+            self.vocab, eng.max_model_len, max_prompts, model_name)
         self.created = int(time.time())
         self.http = {}  # (path, status) -> count
         self.stream_aborts = 0
@@ -372,7 +372,7 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
     errors = schema.error_responses
     stream_doc = {"description": "with stream=false: the JSON body below; with stream=true: server-sent "
                                  "events (data: {chunk}, an error object if the request fails, data: [DONE])",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+                  "content": {"text/event-stream": {}}}
 
     @app.get("/health", response_model=schema.Health, responses={503: {"model": schema.Health}})
     async def health():

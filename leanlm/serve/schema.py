@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SEED_MAX = (1 << 63) - 1
 MAX_N = 16
@@ -37,6 +37,12 @@ ONLY_DEFAULT = {
 }
 
 
+def _only_false(v: bool) -> bool:
+    if v is not False:  # a Literal[False] would take 0 too (0 == False)
+        raise ValueError("only false is supported")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -45,10 +51,11 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-def _sampling(vocab: int, max_len: int):
+def _sampling(vocab: int, max_len: int, model_name: str | None):
     class Sampling(_Strict):
         model: str = Field(min_length=1, max_length=256, description="a model id from GET /v1/models "
-                                                                       "(the base model or a LoRA adapter)")
+                                                                       "(the base model or a LoRA adapter)",
+                           examples=[model_name] if model_name else None)
         max_tokens: int | None = Field(None, ge=1, le=max_len, description="default: 16 for completions, "
                                                                              "the rest of the context for chat")
         temperature: float = Field(1.0, ge=0, le=2, description="0: greedy")
@@ -69,9 +76,9 @@ def _sampling(vocab: int, max_len: int):
     return Sampling
 
 
-def request_models(vocab: int, max_len: int, max_prompts: int = 64):
+def request_models(vocab: int, max_len: int, max_prompts: int = 64, model_name: str | None = None):
     """(CompletionRequest, ChatCompletionRequest) for a model with this vocabulary and context."""
-    Sampling = _sampling(vocab, max_len)
+    Sampling = _sampling(vocab, max_len, model_name)
     TokenId = Annotated[int, Field(ge=0, lt=vocab)]
     Ids = Annotated[list[TokenId], Field(min_length=1, max_length=max_len)]
     Text = Annotated[str, Field(min_length=1, max_length=1 << 20)]
@@ -81,7 +88,8 @@ def request_models(vocab: int, max_len: int, max_prompts: int = 64):
             list[Ids], Field(min_length=1, max_length=max_prompts)] = Field(
             description="a string, a list of strings, token ids, or a list of token id lists")
         logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
-        echo: Literal[False] = Field(False, description="not supported: only false")
+        echo: Annotated[bool, AfterValidator(_only_false)] = Field(
+            False, description="not supported: only false", json_schema_extra={"enum": [False]})
         suffix: None = Field(None, description="not supported")
 
     class TextPart(_Strict):
