@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import leanlm
-    from leanlm.api import model_bytes
+    from leanlm.eval.describe import model_bytes
     from leanlm.eval.bench import time_decode
 
     base, _ = leanlm.load()

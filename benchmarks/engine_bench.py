@@ -30,7 +30,7 @@ def eval_ids(tok, n: int) -> list[int]:
 
 
 def bench_concurrency(model, tok, args) -> dict:
-    from leanlm.infer.engine import bench_concurrency
+    from leanlm.eval.concurrency import bench_concurrency
 
     ids = eval_ids(tok, 40_000)
     prompts = []

@@ -2,10 +2,12 @@
 
 MoE: E experts of width I, top-k routing, in every block. Dense: one MLP of width k*I. Same hidden
 size, attention, depth and vocabulary, so both read about the same weight bytes per token (plus the
-router). Rounds alternate dense, MoE, dense, MoE, ... in one process (the machine is shared: compare
-ratios from the same round). Also times the MoE block's parts during decode: the router (gate
+router). Each decode step of the dense model is followed by one of the MoE model, in one process, and
+tokens/s is 1 / the median step time (the machine is shared: compare ratios from the same round).
+
+Also times the MoE block's parts during decode, in a run of the MoE model alone: the router (gate
 linear, softmax, top-k, renormalization), the experts' MLPs, and the rest of the block (picking the
-experts, copying the input, weighting and summing the outputs) = grouping/scatter; the routing
+experts, copying the input, weighting and summing the outputs) = grouping/scatter. The routing
 overhead is router + grouping/scatter as a share of the whole decode step.
 
     python benchmarks/moe.py --threads 2 --rounds 3 --json
@@ -13,6 +15,8 @@ overhead is router + grouping/scatter as a share of the whole decode step.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from collections import defaultdict
 
@@ -78,22 +82,31 @@ class PartTimer:
 
 
 @torch.inference_mode()
-def decode(model, prompt_len, new_tokens, seed, timer=None):
+def decode(models: dict, prompt_len, new_tokens, seed, timer=None):
+    """Greedy decode in every model, one step of each in turn (the shared machine's load hits both alike).
+    -> {name: (prefill seconds, median decode step seconds, total decode seconds)}."""
     from leanlm.infer.generate import fuse_for_inference
 
-    fuse_for_inference(model)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
-    cache = model.new_cache(1, prompt_len + new_tokens + 1)
-    t0 = time.perf_counter()
-    nxt = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1)
+    ids = torch.randint(0, next(iter(models.values())).config.vocab_size, (1, prompt_len), generator=g)
+    state, steps, pre = {}, {}, {}
+    for name, m in models.items():
+        fuse_for_inference(m)
+        cache = m.new_cache(1, prompt_len + new_tokens + 1)
+        t0 = time.perf_counter()
+        state[name] = (cache, m(ids, cache=cache, last_only=True)[:, -1].argmax(-1))
+        pre[name] = time.perf_counter() - t0
+        steps[name] = []
     if timer is not None:
         timer.on = True
-    t1 = time.perf_counter()
     for _ in range(new_tokens):
-        nxt = model(nxt.unsqueeze(1), cache=cache)[:, -1].argmax(-1)
-    t2 = time.perf_counter()
-    return t1 - t0, (t2 - t1) / new_tokens
+        for name, m in models.items():
+            cache, nxt = state[name]
+            t0 = time.perf_counter()
+            nxt = m(nxt.unsqueeze(1), cache=cache)[:, -1].argmax(-1)
+            steps[name].append(time.perf_counter() - t0)
+            state[name] = (cache, nxt)
+    return {k: (pre[k], statistics.median(steps[k]), sum(steps[k])) for k in models}
 
 
 def main(argv=None) -> int:
@@ -119,28 +132,26 @@ def main(argv=None) -> int:
                  experts=args.experts, top_k=args.top_k, width=args.width)
     models = {"dense": make(**shape, moe=False), "moe": make(**shape, moe=True)}
     params = {k: {"total": sum(p.numel() for p in m.parameters()), "active": active_params(m)} for k, m in models.items()}
-    for m in models.values():
-        decode(m, 16, 4, seed=99)  # warm-up
+    decode(models, 16, 4, seed=99)  # warm-up
     rows = []
     for r in range(args.rounds):
-        row = {"round": r + 1}
-        for name, m in models.items():
-            pre, step = decode(m, args.prompt_len, args.new_tokens, seed=r)
+        row = {"round": r + 1, "load": round(os.getloadavg()[0], 1)}
+        res = decode(models, args.prompt_len, args.new_tokens, seed=r)
+        for name, (pre, step, _) in res.items():
             row[f"{name}_tok_s"] = round(1 / step, 1)
             row[f"{name}_prefill_tok_s"] = round(args.prompt_len / pre, 1)
         row["moe_over_dense"] = round(row["moe_tok_s"] / row["dense_tok_s"], 3)
-        # the MoE model's parts, in a separate timed run (the wrappers cost a little)
+        # the MoE block's parts, in a separate run of the MoE model alone (the wrappers cost a little)
         timer = PartTimer(models["moe"])
-        _, step = decode(models["moe"], args.prompt_len, args.new_tokens, seed=100 + r, timer=timer)
+        _, step, total = decode({"moe": models["moe"]}, args.prompt_len, args.new_tokens, seed=100 + r, timer=timer)["moe"]
         timer.remove()
-        steps_total = step * args.new_tokens
-        dec = timer.t
-        scatter = dec["block"] - dec["router"] - dec["experts"]
+        t = timer.t
+        scatter = t["block"] - t["router"] - t["experts"]
         row["timed_moe_tok_s"] = round(1 / step, 1)
-        row["router_share"] = round(dec["router"] / steps_total, 4)
-        row["group_scatter_share"] = round(scatter / steps_total, 4)
-        row["routing_overhead_share"] = round((dec["router"] + scatter) / steps_total, 4)
-        row["experts_share"] = round(dec["experts"] / steps_total, 4)
+        row["router_share"] = round(t["router"] / total, 4)
+        row["group_scatter_share"] = round(scatter / total, 4)
+        row["routing_overhead_share"] = round((t["router"] + scatter) / total, 4)
+        row["experts_share"] = round(t["experts"] / total, 4)
         rows.append(row)
     print_table("batch-1 decode: MoE vs dense with the same active parameters", rows)
     out = {"shape": shape, "params": params, "threads": args.threads, "prompt_len": args.prompt_len,

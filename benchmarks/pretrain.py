@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import leanlm  # noqa: E402
 from leanlm.train import TrainConfig, train  # noqa: E402
-from leanlm.train.loop import evaluate_loss  # noqa: E402
 from leanlm.train.pretrain import builtin_config, grow_depth, new_model, pack, read_documents  # noqa: E402
 from leanlm.train.pretrain_cli import full_sequence_loss  # noqa: E402
 

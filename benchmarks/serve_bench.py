@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     import leanlm
     from leanlm.data import packaged_text
-    from leanlm.infer.engine import bench_concurrency
+    from leanlm.eval.concurrency import bench_concurrency
     from leanlm.serve import cli
 
     model, tok = leanlm.load(args.model)

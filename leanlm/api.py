@@ -33,6 +33,17 @@ def resolve_source(source) -> Path:
     return path
 
 
+def _register_compression(folder: Path) -> None:
+    """A compressed checkpoint's module types come from leanlm.compress, which registers them with the
+    loader when imported (leanlm/io never imports it)."""
+    try:
+        compressed = "leanlm_compression" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the loader reports a missing or broken config.json
+    if compressed:
+        import leanlm.compress  # noqa: F401
+
+
 def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_cache: bool = True, quantize=None):
     """Load a model and its tokenizer: `model, tokenizer = leanlm.load()` (None = default model).
 
@@ -52,6 +63,7 @@ def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_
     dt = parse_dtype(dtype)
     path = resolve_source(source)
     if path.is_dir():
+        _register_compression(path)
         model, tok = load_hf_folder(path, dtype=dt, quantize=quantize)
     elif path.suffix.lower() == ".gguf":
         conv = converted_dir(path)
@@ -90,27 +102,7 @@ def load(source=None, dtype=None, adapter=None, progress: bool = False, convert_
 
 def save(model, tokenizer, folder, dtype=None) -> Path:
     """Save as a Hugging Face folder that transformers' from_pretrained loads with the same logits."""
+    import leanlm.compress  # noqa: F401  (registers compressed module types and sparse packing with the saver)
     from leanlm.io.checkpoint import save_hf_folder
 
     return save_hf_folder(model, tokenizer, folder, dtype=parse_dtype(dtype))
-
-
-def model_bytes(model) -> int:
-    """Bytes of weights (parameters and buffers, tied tensors once) as the model holds them in memory."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t.is_meta:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
-def describe(model) -> dict:
-    cfg = model.config
-    return {"source": getattr(model, "source", None), "model_type": cfg.model_type,
-            "parameters": model.num_parameters(), "model_bytes": model_bytes(model), "dtype": str(model.dtype),
-            "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_heads,
-            "kv_heads": cfg.num_kv_heads, "vocab_size": cfg.vocab_size, "context": cfg.max_position_embeddings,
-            "rope": cfg.rope_type, "tied_embeddings": cfg.tie_word_embeddings,
-            "config": json.loads(json.dumps(cfg.to_dict()))}

@@ -66,7 +66,7 @@ def generation_config(args):
 
 # ---------------------------------------------------------------- info
 def cmd_info(args) -> int:
-    from leanlm.api import describe
+    from leanlm.eval.describe import describe
     from leanlm.report import show
 
     model, tok = load_model(args)
@@ -125,32 +125,6 @@ def _generate_speculative(args, model, tok, cfg, prompts) -> int:
     return 0
 
 
-def _bench_speculative(args, model, tok) -> dict:
-    """Plain greedy decoding vs speculative decoding on the same prompt (the packaged evaluation text,
-    so prompt lookup has real text to draw n-grams from); outputs must be identical."""
-    import time
-
-    from leanlm.data import packaged_text
-    from leanlm.infer import speculative
-    from leanlm.infer.generate import generate_tokens
-    from leanlm.infer.sampling import GenerationConfig
-
-    draft = _load_draft(args, model)
-    ids = tok.encode(packaged_text("eval")[:4000])[-args.prompt_len:]
-    cfg = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
-    t = time.perf_counter()
-    plain = [s[0] for s in generate_tokens(model, [ids], cfg)]
-    t_plain = time.perf_counter() - t
-    t = time.perf_counter()
-    spec, stats = speculative.generate_speculative(model, ids, cfg, draft=draft, prompt_lookup=args.prompt_lookup)
-    t_spec = time.perf_counter() - t
-    return {"method": "draft " + args.draft if args.draft else "prompt lookup",
-            "plain_tokens_per_s": len(plain) / t_plain, "speculative_tokens_per_s": len(spec) / t_spec,
-            "speedup": t_plain / t_spec * len(spec) / max(len(plain), 1),
-            "acceptance_rate": stats.acceptance_rate, "tokens_per_round": stats.tokens_per_round,
-            "identical_output": spec[: len(plain)] == plain}
-
-
 def cmd_chat(args) -> int:
     import leanlm
 
@@ -206,9 +180,13 @@ def cmd_bench(args) -> int:
 
     model, tok = load_model(args)
     if args.draft or args.prompt_lookup:
-        res = _bench_speculative(args, model, tok)
+        from leanlm.eval.speculative import bench_speculative
+
+        res = {"method": "draft " + args.draft if args.draft else "prompt lookup",
+               **bench_speculative(model, tok, _load_draft(args, model), args.prompt_len, args.new_tokens,
+                                   prompt_lookup=args.prompt_lookup)}
     elif args.concurrency:
-        from leanlm.infer.engine import bench_concurrency
+        from leanlm.eval.concurrency import bench_concurrency
 
         res = bench_concurrency(model, concurrency=args.concurrency, prompt_len=args.prompt_len,
                                 new_tokens=args.new_tokens)

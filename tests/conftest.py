@@ -12,33 +12,50 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=64)
 
 
+# Families' extra defaults for the tiny configs (Gemma's head_dim defaults to 256).
+TINY_FAMILY = {"gemma2": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6),
+               "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                                   layer_types=["sliding_attention", "full_attention"]),
+               "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)}
+
+
 def tiny_hf(kind: str = "llama", seed: int = 0, **over):
-    """A tiny transformers model of the given family, with random weights."""
+    """A tiny transformers model of the given family with EVERY parameter random: matrices, biases, and
+    norm weights too (around 1, or around 0 for Gemma's (1 + w) norms), so no path is checked at a
+    value where it does nothing."""
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
+           "phi3": transformers.Phi3Config}[kind]
     torch.manual_seed(seed)
-    kw = {**TINY, **over}
+    kw = {**TINY, **TINY_FAMILY.get(kind, {}), **over}
     model = transformers.AutoModelForCausalLM.from_config(cls(**kw)).eval()
+    plus_one = kind.startswith("gemma")
     # Random init std 0.02 gives near-uniform logits; widen it so differences show.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif "norm" in name:
+                p.normal_(0, 0.3) if plus_one else p.uniform_(0.5, 1.5)
+            else:  # biases
                 p.normal_(0, 0.2)
     return model
 
 
 def to_leanlm(hf_model):
-    from leanlm.model import ModelConfig, Transformer
-
+    """The same weights in leanlm, through the loader's own path (config.json reader, the family's key map,
+    strict key and shape checks); tensors are copied, so the two models never share storage."""
+    from leanlm.io.checkpoint import build_on_meta, materialize
+    from leanlm.model import ModelConfig
     from leanlm.model.families import family
 
-    m = Transformer(ModelConfig.from_hf(hf_model.config.to_dict()))
-    # the family's key map: transformers keeps MoE experts fused in memory
-    m.load_state_dict(family(m.config.model_type).load_keys(hf_model.state_dict(), m.config), strict=False)
-    m.tie_weights()
-    return m.eval()
+    cfg = ModelConfig.from_hf(hf_model.config.to_dict())
+    sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    # the family's key map: transformers keeps Phi-3's q/k/v and MoE experts fused in memory
+    return materialize(build_on_meta(cfg), family(cfg.model_type).load_keys(sd, cfg), "test model")
 
 
 def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0):

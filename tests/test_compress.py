@@ -31,7 +31,7 @@ def compressed_tiny(vocab=128):
 def test_serialize_roundtrip_with_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from leanlm.compress.serialize import restore, state_for_save
+    from leanlm.io.modules import restore, state_for_save
     from leanlm.model.transformer import Transformer
 
     model = compressed_tiny()
@@ -57,7 +57,7 @@ def test_serialize_roundtrip_with_safetensors(tmp_path):
 
 
 def test_restore_rejects_unknown_module_type():
-    from leanlm.compress.serialize import restore
+    from leanlm.io.modules import restore
     from leanlm.errors import LeanLMError
 
     model = tiny_model()

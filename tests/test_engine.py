@@ -176,7 +176,7 @@ def test_matches_plain_generation_sampled(model):
 
 
 def test_bench_concurrency_runs(model):
-    from leanlm.infer.engine import bench_concurrency
+    from leanlm.eval.concurrency import bench_concurrency
 
     r = bench_concurrency(model, prompts(6, seed=11), max_new_tokens=5, concurrency=(1, 4),
                           engine_kwargs=dict(block_size=4, num_blocks=64))
@@ -199,6 +199,18 @@ def test_sliding_window_model():
     m.load_state_dict(hf.state_dict(), strict=False)
     m.eval()
     assert m.config.sliding_window == 8
+    eng = Engine(m, block_size=4, num_blocks=64, max_batch_tokens=10)
+    check_equal(m, eng, prompts(4, 5, 20, seed=12), 10)
+
+
+def test_gemma_local_and_global_layers():
+    """Gemma 2: sliding-window and global layers in one model, soft-capped attention and logits; the
+    paged masks per layer type give plain greedy decoding's tokens (chunked prefill past the window)."""
+    from conftest import tiny_hf, to_leanlm
+
+    m = to_leanlm(tiny_hf("gemma2", max_position_embeddings=512, attn_logit_softcapping=3.0,
+                          final_logit_softcapping=6.0))
+    assert m.config.layer_types == ["sliding_attention", "full_attention"] and m.config.sliding_window == 6
     eng = Engine(m, block_size=4, num_blocks=64, max_batch_tokens=10)
     check_equal(m, eng, prompts(4, 5, 20, seed=12), 10)
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_llama
 from leanlm.compress.quant import RTNConfig
-from leanlm.compress.quant.gptq import rtn_solve
+from leanlm.compress.quant.rtn import rtn_solve
 from leanlm.compress.quant.grid import rtn_quantize
 from leanlm.compress.quant.qlinear import QuantLinear
 

@@ -14,7 +14,11 @@ def load_via_folder(hf, folder):
     hf.save_pretrained(folder)
     save_tiny_tokenizer(folder, hf.config.vocab_size)
     m, _ = leanlm.load(folder)
+    load_via_folder.folder[hf] = folder
     return m
+
+
+load_via_folder.folder = {}
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -115,6 +119,30 @@ def test_save_round_trip_to_transformers(pair, tmp_path):
     assert m3.config == m.config
 
 
+def test_quantize_on_load_sees_every_expert(pair, tmp_path):
+    """QLoRA's load path reads the checkpoint one tensor at a time through the key map (Mixtral's
+    block_sparse_moe/w1/w2/w3 names): every expert linear arrives under leanlm's name, NF4 on load."""
+    import leanlm
+    from leanlm.compress.quant.nf4 import NF4Linear
+    from leanlm.model.layout import layout_of
+    from leanlm.peft.qlora import nf4_on_load
+
+    hf, m = pair
+    lay = layout_of(m)
+    q, _ = leanlm.load(load_via_folder.folder[hf], quantize=nf4_on_load(lay.mlp_leaves()))
+    n_experts = sum(isinstance(mod, NF4Linear) and f".{lay.experts}." in n for n, mod in q.named_modules())
+    assert n_experts == 3 * m.config.num_experts * sum(map(m.config.is_moe_layer, range(m.config.num_layers)))
+    # the same hook on the model already in memory: the very same modules at the same names
+    import copy
+
+    from leanlm.io.checkpoint import quantize_linears
+
+    ref = quantize_linears(copy.deepcopy(m), nf4_on_load(lay.mlp_leaves()))
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(q(ids), ref(ids)) and not torch.equal(q(ids), m(ids))
+
+
 def test_router_stats_count_routed_tokens(pair):
     from leanlm.model.moe import load_summary, moe_blocks, router_stats
 
@@ -158,3 +186,18 @@ def test_bad_moe_config():
         from leanlm.model.transformer import Transformer
 
         Transformer(ModelConfig.from_hf(d))
+
+
+def test_fused_expert_projections_equal_plain_path(pair):
+    import copy
+
+    from leanlm.model.moe import moe_blocks
+
+    _, m = pair
+    m = copy.deepcopy(m)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        plain = m(ids)
+        m.fuse_projections()
+        assert all("_gate_up" in e.__dict__ for b in moe_blocks(m) for e in b.experts)
+        assert (m(ids) - plain).abs().max() < 1e-5

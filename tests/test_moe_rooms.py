@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from conftest import greedy_reference, tiny_moe, to_leanlm
-from leanlm.compress.quant.gptq import RTNConfig, rtn_solve
+from leanlm.compress.quant.rtn import RTNConfig, rtn_solve
 from leanlm.compress.quant.qlinear import QuantLinear
 from leanlm.compress.recipe import apply_recipe, parse_recipe
 from leanlm.model.layout import block_prefix, layout_of
@@ -108,7 +108,7 @@ def test_smoothing_fold_keeps_moe_block_function(kind):
     """Scales folded into the norm must be undone in the router and every expert (the layout's smoothing
     group); leaving the router out reroutes tokens."""
     from leanlm.compress.calibrate import BlockContext
-    from leanlm.compress.quant.int8 import fold_scales, smoothing_groups
+    from leanlm.compress.quant.smoothquant import fold_scales, smoothing_groups
     from leanlm.model.layout import blocks
 
     m = to_leanlm(tiny_moe(kind))
@@ -146,7 +146,7 @@ def test_smoothquant_on_moe(qwen2):
 
 def test_smoothing_groups_include_router_and_every_expert(qwen2):
     from leanlm.compress.calibrate import BlockContext
-    from leanlm.compress.quant.int8 import smoothing_groups
+    from leanlm.compress.quant.smoothquant import smoothing_groups
     from leanlm.model.layout import blocks
 
     lay = layout_of(qwen2)
@@ -163,7 +163,6 @@ def test_pruning_experts_with_unused_ones(qwen2, method):
     m = copy.deepcopy(qwen2)
     unused, _ = unused_experts(m, ONE_TOKEN)
     apply_recipe(m, parse_recipe(f"- method: {method}\n  sparsity: 0.5"), ONE_TOKEN, progress=False)
-    lay = layout_of(m)
     for n in expert_names(m, 0):
         w = m.get_submodule(n).weight
         assert torch.isfinite(w).all() and abs(float((w == 0).float().mean()) - 0.5) < 0.02, n
@@ -243,3 +242,28 @@ def test_generate_and_engine_greedy(mixtral):
     eng = Engine(mixtral, block_size=4, num_blocks=64)
     got = eng.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
     assert gen == ref and got == ref
+
+
+def test_layer_drop_renumbers_moe_layers(qwen2, tmp_path):
+    """Dropping block 0 of (MoE, dense, MoE) leaves (dense, MoE): the config says so and a save/load
+    round trip computes the same logits."""
+    import leanlm
+    from conftest import save_tiny_tokenizer
+    from leanlm.compress.prune.structured import drop_blocks
+
+    m = copy.deepcopy(qwen2)
+    drop_blocks(m, [0])
+    assert m.config.num_layers == 2 and m.config.moe_layers == [1] and moe_blocks(m)[0].layer == 1
+    leanlm.save(m, None, tmp_path / "d")
+    save_tiny_tokenizer(tmp_path / "d")
+    back, _ = leanlm.load(tmp_path / "d")
+    with torch.no_grad():
+        assert (back(IDS) - m(IDS)).abs().max() < 1e-5
+
+
+def test_structured_pruning_refuses_moe(qwen2):
+    from leanlm.errors import LeanLMError
+
+    with pytest.raises(LeanLMError, match="mixture-of-experts"):
+        apply_recipe(copy.deepcopy(qwen2), parse_recipe("- method: structured\n  target: 0.2"),
+                     torch.randint(0, 128, (2, 8)), progress=False)

@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 
 from leanlm.errors import LeanLMError  # noqa: E402
 from leanlm.model import ModelConfig, Transformer  # noqa: E402
-from leanlm.peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, apply,  # noqa: E402
+from leanlm.peft import (apply,  # noqa: E402
                          load_adapter, merge, save_adapter, trainable_parameters, unload_lora, unmerge)
 
 

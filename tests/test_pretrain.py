@@ -237,3 +237,52 @@ def test_pretrain_cli_trains_saves_and_plots(tmp_path, default_model):
     with pytest.raises(SystemExit):
         main(["pretrain", "--model", "tiny", "--optimizer", "nope", "-o", str(out)])
     assert main(["pretrain", "--model", "huge", "--data", str(text), "-o", str(out)]) == 2
+
+
+# ---------------------------------------------------------------- sparse upcycling
+def test_upcycled_moe_keeps_the_function_and_loads_in_transformers(tmp_path, default_model):
+    import transformers
+
+    import leanlm
+    from leanlm.train.pretrain import upcycle_moe
+
+    dense = randomized(tiny_cfg(attention_bias=False, attention_out_bias=False, mlp_bias=False))
+    moe = upcycle_moe(dense, num_experts=4, top_k=2)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ref = dense(ids)
+        assert (moe(ids) - ref).abs().max() < 1e-5
+        assert moe.config.model_type == "mixtral" and len(moe.model.layers[0].mlp.experts) == 4
+        leanlm.save(moe, default_model[1], tmp_path / "moe")
+        back, _ = leanlm.load(tmp_path / "moe")
+        assert (back(ids) - ref).abs().max() < 1e-5
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+        assert (hf(ids).logits - ref).abs().max() < 1e-4  # an independent reading of the saved MoE
+    with pytest.raises(LeanLMError, match="already a mixture"):
+        upcycle_moe(moe)
+
+
+def test_load_balancing_loss_is_one_when_balanced_and_grows_when_skewed():
+    from leanlm.train.pretrain import load_balancing_loss
+
+    assert float(load_balancing_loss([torch.zeros(10, 4)], 2)) == pytest.approx(1.0)
+    skew = torch.tensor([[20.0, 10.0, 0.0, 0.0]]).repeat(10, 1)  # every token: expert 0, then expert 1
+    assert float(load_balancing_loss([skew], 2)) == pytest.approx(2.0, abs=1e-3)
+
+
+def test_chunked_vocab_loss_equals_the_whole_loss_and_its_gradients():
+    from leanlm.train.loop import causal_lm_loss
+
+    m = randomized(tiny_cfg())
+    ids = torch.randint(0, 64, (3, 20))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    grads = []
+    for chunk in (4096, 7):  # 7 positions per chunk: 8 chunks, the last one short
+        m.zero_grad()
+        loss, n = causal_lm_loss(m, ids, labels, chunk=chunk)
+        loss.backward()
+        grads.append((float(loss), n, [p.grad.clone() for p in m.parameters()]))
+    (l1, n1, g1), (l2, n2, g2) = grads
+    assert n1 == n2 == 3 * 19 - 4 and l2 == pytest.approx(l1, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from leanlm.compress.prune.apply import block_redundancy, owl_sparsities
+from leanlm.compress.prune.layerdrop import block_redundancy
+from leanlm.compress.prune.owl import owl_sparsities
 from leanlm.compress.prune.masks import is_nm
 from leanlm.compress.prune.methods import PruneConfig
 from leanlm.compress.recipe import apply_recipe, parse_recipe

@@ -9,6 +9,7 @@ from leanlm.compress.prune import structured as st
 from leanlm.errors import LeanLMError
 from conftest import tiny_llama
 from leanlm.model import ModelConfig, Transformer
+from leanlm.model.layout import layout_of
 
 
 def _ids(n=2, t=24, seed=1):
@@ -19,8 +20,7 @@ def _ids(n=2, t=24, seed=1):
 def test_shrunk_equals_masked(kind):
     m, _ = tiny_llama(layers=3, heads=8, kv_heads=4)
     grads = st.taylor_gradients(m, _ids(4)) if kind == "taylor" else None
-    sa = [st.attention_group_importance(b.self_attn, None, kind, grads) for b in m.model.layers]
-    sm = [st.mlp_channel_importance(b.mlp, None, kind, grads) for b in m.model.layers]
+    sa, sm = st.importance(m, kind, grads)
     groups, channels = [1, 2, 0], [40, 16, 0]
     kg, kc = st.keep_sets(sa, sm, groups, channels)
     masked = copy.deepcopy(m)
@@ -52,8 +52,9 @@ def test_importance_keeps_what_matters():
         attn.o_proj.weight[:, st._group_cols(attn, 2)] *= 10
     sq = torch.ones(attn.o_proj.in_features)
     sq[st._group_cols(attn, 0)] = 1000.0  # group 0 sees big inputs: activation importance keeps it
-    act = st.attention_group_importance(attn, sq, "activation")
-    mag = st.attention_group_importance(attn, None, "magnitude")
+    blk, lay = m.model.layers[0], layout_of(m)
+    act = st.attention_group_importance(blk, lay, sq, "activation")
+    mag = st.attention_group_importance(blk, lay, None, "magnitude")
     assert int(act.argmax()) == 0 and int(mag.argmax()) == 2
 
 
@@ -64,8 +65,7 @@ def test_plan_hits_target_and_uniform_export():
     removed = sum(g * st.layer_params(m.config, i)[0] + c * st.layer_params(m.config, i)[1]
                   for i, (g, c) in enumerate(zip(groups, channels)))
     assert abs(removed / total - 0.2) < 0.03
-    sa = [st.attention_group_importance(b.self_attn, None, "magnitude") for b in m.model.layers]
-    sm = [st.mlp_channel_importance(b.mlp, None, "magnitude") for b in m.model.layers]
+    sa, sm = st.importance(m, "magnitude")
     st.shrink(m, *st.keep_sets(sa, sm, groups, channels))
     assert abs(1 - m.num_parameters() / total - 0.2) < 0.03
     assert m.config.uniform and m.config.layer_num_heads is None  # same shapes everywhere: plain HF config
@@ -108,8 +108,7 @@ def test_bad_structured_config():
 def test_pruned_model_generates_through_engine():
     from leanlm.infer.engine import Engine, SamplingParams
     m, _ = tiny_llama(layers=3, heads=8, kv_heads=4)
-    sa = [st.attention_group_importance(b.self_attn, None, "magnitude") for b in m.model.layers]
-    sm = [st.mlp_channel_importance(b.mlp, None, "magnitude") for b in m.model.layers]
+    sa, sm = st.importance(m, "magnitude")
     st.shrink(m, *st.keep_sets(sa, sm, [1, 2, 0], [40, 16, 0]))
     st.drop_blocks(m, [1])
     assert m.config.layer_num_kv_heads == [3, 4]

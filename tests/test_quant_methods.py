@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from leanlm.compress.quant.awq import AWQConfig, clip_weight, search_scale
-from leanlm.compress.quant.gptq import RTNConfig, rtn_solve
-from leanlm.compress.quant.int8 import (LLMInt8Config, W8A8Linear, fold_scales, llmint8_accumulate,
-                                        llmint8_init, llmint8_solve, quantize_rows)
+from leanlm.compress.quant.int8 import W8A8Linear, quantize_rows
+from leanlm.compress.quant.llmint8 import LLMInt8Config, llmint8_accumulate, llmint8_init, llmint8_solve
+from leanlm.compress.quant.rtn import RTNConfig, rtn_solve
+from leanlm.compress.quant.smoothquant import fold_scales
 from leanlm.compress.quant.nf4 import FP4, NF4, NF4Config, NF4Linear
 from leanlm.compress.quant.qlinear import QuantLinear
 from test_quant import tiny_model
@@ -136,7 +137,7 @@ def test_methods_through_runner_and_checkpoint(recipe, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from leanlm.compress.recipe import apply_recipe, load_recipe
-    from leanlm.compress.serialize import restore, state_for_save
+    from leanlm.io.modules import restore, state_for_save
     from leanlm.model.transformer import Transformer
 
     x = torch.randint(0, 128, (2, 24))

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def measure(model, tok, text: str | None, ctx: int, decode_tokens: int = 32) -> dict:
-    from leanlm.api import model_bytes
+    from leanlm.eval.describe import model_bytes
     from leanlm.eval.bench import time_decode
 
     out = {"weights_mb": model_bytes(model) / 1e6}
@@ -80,7 +80,7 @@ def run(args) -> int:
         text = packaged_text("eval")
         if args.eval_chars:
             text = text[: args.eval_chars]
-    from leanlm.api import model_bytes
+    from leanlm.eval.describe import model_bytes
 
     before = measure(model, tok, text, args.ctx) if not args.no_eval else {}
     before["size_mb"] = model_bytes(model) / 1e6  # what an uncompressed save of these weights holds

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import HEAD
 
 
 def pack_int32(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -75,7 +76,7 @@ def export_gptq(model, tokenizer, folder) -> Path:
     for k, v in model.state_dict().items():
         if k.startswith(prefixes):
             continue
-        if model.config.tie_word_embeddings and k == "lm_head.weight":
+        if model.config.tie_word_embeddings and k == f"{HEAD}.weight":
             continue
         tensors[k] = v.detach().half() if v.is_floating_point() else v.detach()
     cfg = model.config.to_hf(dtype="float16")

@@ -26,8 +26,11 @@ import torch
 import torch.nn as nn
 
 from leanlm.errors import LeanLMError
+from leanlm.io.modules import register_module_type
+from leanlm.model.layout import HEAD, all_block_linears, block_pattern
 
 
+@register_module_type
 class LowRankLinear(nn.Module):
     """y = up(down(x)); bias (if any) on `up`. Parameter names: <name>.down.weight, <name>.up.weight."""
 
@@ -49,12 +52,9 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
     def config(self) -> dict:
-        """Constructor arguments, for leanlm.compress.serialize (rebuilt with LowRankLinear(**config))."""
+        """Constructor arguments, for checkpoints (leanlm.io.modules rebuilds it with LowRankLinear(**config))."""
         return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
                 "bias": self.up.bias is not None}
-
-
-MODULE_TYPES = {"LowRankLinear": LowRankLinear}
 
 
 @dataclass
@@ -66,7 +66,7 @@ class LowRankConfig:
     activation_aware: bool = True
     dampening: float = 0.01  # fraction of mean(diag(H)) added before the Cholesky factorization
     factorize: bool = True  # False: keep the layer dense at its low-rank approximation (LASER)
-    targets: list[str] = field(default_factory=lambda: [r"\.(q|k|v|o|gate|up|down)_proj$"])
+    targets: list[str] = field(default_factory=lambda: [block_pattern()])  # every linear in the blocks
     ignore: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -109,7 +109,7 @@ def rank_for_energy(s: torch.Tensor, energy: float) -> int:
 def matching_modules(model: nn.Module, targets: list[str], ignore: list[str]) -> list[tuple[str, nn.Linear]]:
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name != "lm_head" and any(re.search(t, name) for t in targets) \
+        if isinstance(mod, nn.Linear) and name != HEAD and any(re.search(t, name) for t in targets) \
                 and not any(re.search(i, name) for i in ignore):
             out.append((name, mod))
     return out
@@ -275,11 +275,10 @@ def laser_apply(model, cfg: LaserConfig, modules: list[str], samples=None, progr
         if frac is not None:
             chosen[n] = frac
     if not chosen:
-        raise LeanLMError(f"laser: no targeted layer matches {list(cfg.layers)}; names look like model.layers.20.mlp.down_proj")
+        raise LeanLMError(f"laser: no targeted layer matches {list(cfg.layers)}; names look like "
+                          f"{all_block_linears(model)[-1]}")
     return _run(model, cfg, list(chosen), samples, progress, lambda name: (None, chosen[name]))
 
 
-lowrank_apply.needs_data = True
-laser_apply.needs_data = True
 
 METHODS = {"lowrank": (LowRankConfig, lowrank_apply), "laser": (LaserConfig, laser_apply)}

@@ -10,37 +10,35 @@
       targets: ['layers\\.(0|29)\\.']
 
 A file may also be a mapping with a `steps:` list. Methods come from plain dicts:
-`leanlm.compress.quant.METHODS`, and when present `leanlm.compress.prune.METHODS` and
+`leanlm.compress.quant.METHODS`, `leanlm.compress.prune.METHODS` and
 `leanlm.compress.lowrank.METHODS`; each maps a name to `(ConfigDataclass, how)` where `how` is a
 `calibrate.Method` (run block by block by the one runner) or a callable
 `how(model, cfg, modules, samples) -> None` for whole-model transforms. Every step is validated
 against the model (unknown method, unknown field, bad value, target matching nothing) before any
-work starts; errors name the recipe file and line. Targets are regexes searched in module names
-(`model.layers.3.mlp.down_proj`); the default targets every Linear inside the decoder blocks
-(so lm_head and the embedding stay in full precision, and so do MoE routers: the layout's router group).
+work starts; errors name the recipe file and line. Targets are regexes searched in full module names
+(the family's names: leanlm/model/layout.py); the default targets every Linear inside the decoder
+blocks (so the output head and the embedding stay in full precision, and so do MoE routers: the
+layout's router group).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
 
 from leanlm.compress.calibrate import Method, Step, run_steps
-from leanlm.model.layout import all_block_linears
-from leanlm.model.surgery import select_modules
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import EMBED, HEAD, all_block_linears, block_pattern
+from leanlm.model.surgery import select_modules
+from leanlm.options import RESERVED, build_config, method_entry  # noqa: F401  (build_config: recipe's API)
 
-DEFAULT_TARGETS = [r"^model\.layers\.\d+\."]
+DEFAULT_TARGETS = [block_pattern()]
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PATTERN = re.compile(r"^w(\d)a16-([a-z0-9]+)-g(\d+)(-e8)?$")
-EMBED8_TARGETS = [r"^model\.embed_tokens$"]
-RESERVED = ("method", "targets", "ignore")
+EMBED8_TARGETS = [rf"^{re.escape(EMBED)}$"]
 
 
 @dataclass
@@ -62,20 +60,18 @@ class Recipe:
     def needs_data(self) -> bool:
         """Whether any step uses calibration samples (whole-model callables may set needs_data=False)."""
         reg = registry()
-        return any(getattr(reg[s.method][1], "needs_data", True) for s in self.steps if s.method in reg)
+        return any(needs_data(*reg[s.method]) for s in self.steps if s.method in reg)
+
+
+def needs_data(cls, how) -> bool:
+    """A Method says so itself; a whole-model function's config class says so (`needs_data`, default True)."""
+    return how.needs_data if isinstance(how, Method) else getattr(cls, "needs_data", True)
 
 
 def registry() -> dict:
-    from leanlm.compress.quant import METHODS
+    from leanlm.compress import lowrank, prune, quant
 
-    reg = dict(METHODS)
-    for mod in ("leanlm.compress.prune", "leanlm.compress.lowrank"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        reg.update(getattr(m, "METHODS", {}) or {})
-    return reg
+    return {**quant.METHODS, **prune.METHODS, **lowrank.METHODS}
 
 
 def builtin_names() -> list[str]:
@@ -158,47 +154,6 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     return Recipe(source, steps)
 
 
-def _check_type(value, tp) -> bool:
-    if isinstance(tp, str):
-        tp = {"int": int, "float": float, "bool": bool, "str": str}.get(tp.split(" |")[0].strip(), object)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    return True
-
-
-def build_config(cls, fields: dict, where, field_lines: dict | None = None):
-    """Instantiate the config dataclass, checking names and types; `where(key)` gives 'file:line'."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for k, v in fields.items():
-        if k not in known:
-            raise LeanLMError(f"{where(k)}: unknown field {k!r} for this method; known fields: "
-                              f"{', '.join(n for n in known if n not in RESERVED)}")
-        if not _check_type(v, hints.get(k, object)):
-            raise LeanLMError(f"{where(k)}: field {k!r} = {v!r} has the wrong type (expected {hints.get(k)})")
-    try:
-        cfg = cls(**fields)
-        if hasattr(cfg, "validate"):
-            cfg.validate()
-    except (ValueError, TypeError, LeanLMError) as e:
-        bad = next((k for k in fields if k in str(e)), None)
-        raise LeanLMError(f"{where(bad)}: bad value: {e}")
-    return cfg
-
-
 def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:
     """Validate every step against the model; return [(Step, how)] ready to run."""
     reg = registry()
@@ -225,14 +180,14 @@ def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:
         if not modules:
             key = "targets" if "targets" in s.field_lines else "method"
             raise LeanLMError(f"{where(key)}: targets {s.targets} (ignoring {s.ignore}) match no layer of this "
-                              "model; module names look like model.layers.0.self_attn.q_proj")
+                              f"model; module names look like {all_block_linears(model)[0]}")
         emb = [n for n in modules if isinstance(model.get_submodule(n), nn.Embedding)]
         if emb and getattr(cfg, "bits", 8) != 8:
             raise LeanLMError(f"{where('bits')}: {emb[0]} is an embedding; embeddings quantize to 8 bits only "
                               "(give it its own step with bits: 8)")
-        if (model.config.tie_word_embeddings and "lm_head" in modules):
-            raise LeanLMError(f"{where('targets')}: lm_head is tied to the embedding in this model; "
-                              "add 'lm_head' to the step's ignore list")
+        if model.config.tie_word_embeddings and HEAD in modules:
+            raise LeanLMError(f"{where('targets')}: {HEAD} is tied to the embedding in this model; "
+                              f"add '{HEAD}' to the step's ignore list")
         if isinstance(how, Method) and how.replaces:
             clash = next((n for n in modules if n in replaced), None)
             if clash:

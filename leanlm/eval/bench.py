@@ -12,6 +12,7 @@ import time
 import torch
 
 from leanlm.infer.sampling import GenerationConfig
+from leanlm.model.layout import embedding
 
 
 def peak_rss_mb() -> float:
@@ -21,10 +22,10 @@ def peak_rss_mb() -> float:
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights a decode step reads: every tensor except the embedding table (one row is read),
     but counting the table once if it doubles as the output head."""
-    from leanlm.api import model_bytes
+    from leanlm.eval.describe import model_bytes
 
     total = model_bytes(model)
-    emb = model.model.embed_tokens.weight
+    emb = embedding(model).weight
     if not model.config.tie_word_embeddings:
         total -= emb.numel() * emb.element_size()
     return total
@@ -71,7 +72,7 @@ def bench(model, prompt_len: int = 128, new_tokens: int = 64, batch: int = 4, re
         runs_b = [time_decode(model, prompt_len, new_tokens, batch, seed=20 + r) for r in range(repeats)]
         res[f"decode_tokens_per_s_batch{batch}"] = batch / sorted(r[1] for r in runs_b)[len(runs_b) // 2]
     nbytes = weight_bytes_per_token(model)
-    from leanlm.api import model_bytes
+    from leanlm.eval.describe import model_bytes
 
     res["model_bytes"] = model_bytes(model)
     res["weight_bandwidth_gb_s"] = nbytes * tok_s / 1e9

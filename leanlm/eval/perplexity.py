@@ -39,12 +39,12 @@ def _model_device(model) -> torch.device:
 
 
 def _target_logits(model, ids: torch.Tensor, keep_from: int) -> torch.Tensor:
-    """Logits of positions keep_from.. of a batch. A leanlm Transformer skips lm_head on the rest."""
+    """Logits of positions keep_from.. of a batch. A leanlm Transformer skips the output head on the rest."""
     from leanlm.model.transformer import Transformer
 
     if isinstance(model, Transformer):
         hidden = model(ids, return_hidden=True)
-        return model.lm_head(hidden[:, keep_from:])
+        return model.logits(hidden[:, keep_from:])
     out = model(ids)
     logits = out.logits if hasattr(out, "logits") else out  # transformers' models return an output object
     return logits[:, keep_from:]

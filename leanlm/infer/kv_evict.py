@@ -12,19 +12,61 @@ original position; queries use their true position.
                    one point each time a query gives it more than the average attention (1/keys),
                    scores decay with a history window, and when the cache is over budget the
                    lowest scoring old tokens are dropped in a batch (down to `budget - drop`).
-H2O and Scissorhands need attention probabilities: the cache captures each layer's q_proj output
-with a forward hook (attach/detach) and recomputes softmax(qK^T) for the kept keys.
+H2O and Scissorhands need attention probabilities: the cache captures each layer's query projection
+output (named by the family's layout) with a forward hook (attach/detach) and recomputes
+softmax(qK^T) for the kept keys.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import blocks, layout_of
 from leanlm.model.rope import apply_rope
 
-POLICIES = ("full", "streaming", "h2o", "scissorhands")
+@dataclass
+class FullConfig:
+    budget: int = 0  # unused: every key is kept (the reference)
+
+
+@dataclass
+class StreamingConfig:
+    budget: int = 256
+    sink: int = 4  # first tokens always kept (attention sinks)
+
+
+@dataclass
+class H2OConfig:
+    budget: int = 256
+    recent: int | None = None  # most recent tokens always kept (default budget / 2)
+
+
+@dataclass
+class ScissorhandsConfig:
+    budget: int = 256
+    recent: int | None = None
+    history: int = 64  # importance decays over this many steps
+    drop: int | None = None  # tokens dropped at once when over budget (default budget / 8)
+
+
+def evicting_cache(model, cfg) -> "EvictingKVCache":
+    return EvictingKVCache(model, next(k for k, (c, _) in POLICIES.items() if type(cfg) is c), **asdict(cfg))
+
+
+# policy name -> (config dataclass, make the cache); leanlm.options.method_config checks the fields
+POLICIES = {"full": (FullConfig, evicting_cache), "streaming": (StreamingConfig, evicting_cache),
+            "h2o": (H2OConfig, evicting_cache), "scissorhands": (ScissorhandsConfig, evicting_cache)}
+
+
+def make_cache(model, policy: str, **fields) -> "EvictingKVCache":
+    """The evicting cache of a policy by name, its fields checked (one line for an unknown policy or field)."""
+    from leanlm.options import method_config
+
+    cfg, make = method_config(POLICIES, policy, fields, "KV eviction policy")
+    return make(model, cfg)
 
 
 class EvictingKVCache:
@@ -35,6 +77,7 @@ class EvictingKVCache:
         if policy != "full" and budget < 2:
             raise LeanLMError(f"KV budget {budget} is too small; keep at least 2 tokens")
         self.model, self.cfg, self.policy, self.budget = model, model.config, policy, budget
+        self.layout = layout_of(model)
         self.sink = min(sink, budget // 2)
         self.recent = budget // 2 if recent is None else min(recent, budget - 1)
         self.decay = 1.0 - 1.0 / max(history, 1)
@@ -56,12 +99,13 @@ class EvictingKVCache:
 
     def attach(self) -> "EvictingKVCache":
         if self.needs_attention and not self._hooks:
-            for i, layer in enumerate(self.model.model.layers):
-                attn = layer.self_attn
+            lay = self.layout
+            for block in blocks(self.model):
+                attn = block.get_submodule(lay.attn)
 
-                def hook(mod, inp, out, i=attn.layer, attn=attn):
+                def hook(mod, inp, out, i=attn.layer):
                     self._q[i] = out
-                self._hooks.append(attn.q_proj.register_forward_hook(hook))
+                self._hooks.append(block.get_submodule(lay.q).register_forward_hook(hook))
         return self
 
     def detach(self) -> None:
@@ -122,10 +166,11 @@ class EvictingKVCache:
 
     # ---- scoring and eviction -----------------------------------------------------------------
     def _accumulate(self, layer: int, k_all: torch.Tensor, score: torch.Tensor, T: int) -> torch.Tensor:
-        attn = self.model.model.layers[layer].self_attn
+        lay, block = self.layout, blocks(self.model)[layer]
+        attn = block.get_submodule(lay.attn)
         q = self._q[layer].view(1, T, attn.nh, attn.hd)
-        if hasattr(attn, "q_norm"):
-            q = attn.q_norm(q)
+        if self.cfg.qk_norm:
+            q = block.get_submodule(lay.q_norm)(q)
         cos, sin = self._rope
         q = apply_rope(q.transpose(1, 2), cos, sin).float()  # [1, H, T, D]
         nkv, L = k_all.shape[1], k_all.shape[2]
@@ -183,7 +228,7 @@ def evict_perplexity(model, ids: torch.Tensor | list[int], policy: str, budget: 
     ids = torch.as_tensor(ids).reshape(1, -1)
     if ids.shape[1] < 2:
         raise LeanLMError("perplexity needs at least 2 tokens")
-    cache = EvictingKVCache(model, policy, budget if policy != "full" else ids.shape[1], **kw)
+    cache = make_cache(model, policy, budget=budget if policy != "full" else ids.shape[1], **kw)
     nll, n = 0.0, 0
     with cache:
         for s in range(0, ids.shape[1] - 1, chunk):

@@ -208,20 +208,25 @@ class PagedKVCache:
         st = self._step
         if st is None or T != st["T"]:
             raise ValueError("PagedKVCache.begin: call prepare() with this step's batch first")
+        return st["positions"], self.window_mask(window)
+
+    def window_mask(self, window: int | None):
+        """This step's mask for a window (begin's, or another layer type's: Gemma's local and global layers)."""
+        st = self._step
         q_pos, k_pos = st["q_pos"], st["k_pos"]
         if st["layout"] == "packed":
             m = st["same"] & (k_pos <= q_pos)
             if window is not None:
                 m = m & (q_pos - k_pos < window)
-            return st["positions"], m[None, None]
+            return m[None, None]
         if st["uniform"] and (window is None or k_pos.shape[-1] <= window):
-            return st["positions"], None  # every row decodes one token over its whole history
+            return None  # every row decodes one token over its whole history
         m = st["k_valid"][:, None, :] & (k_pos <= q_pos)
         if window is not None:
             m = m & (q_pos - k_pos < window)
         # padded queries attend to key 0 only, so no row of the softmax is empty (no NaN)
         m = m | (~st["q_valid"][:, :, None] & (k_pos == 0))
-        return st["positions"], m[:, None]
+        return m[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         st = self._step

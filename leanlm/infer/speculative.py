@@ -22,6 +22,9 @@ import torch.nn as nn
 from leanlm.errors import LeanLMError
 from leanlm.infer.generate import fuse_for_inference
 from leanlm.infer.sampling import GenerationConfig, make_generator, sample_probs
+from leanlm.model.layout import EMBED, HEAD, blocks, embedding, with_blocks
+from leanlm.model.layout import head as head_module
+from leanlm.model.surgery import replace_module
 
 
 @dataclass
@@ -112,16 +115,10 @@ class DraftModel:
 
 def skip_layers_view(model, skip: list[int]):
     """The same model (shared weights) running only the layers not in `skip`."""
-    n = len(model.model.layers)
+    n = len(blocks(model))
     if any(i < 0 or i >= n for i in skip) or len(set(skip)) >= n:
         raise LeanLMError(f"skip layers {skip} must be distinct layer indices in [0, {n}) leaving at least one")
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    dec = copy.copy(model.model)
-    dec._modules = dict(model.model._modules)
-    dec.layers = nn.ModuleList(l for i, l in enumerate(model.model.layers) if i not in set(skip))
-    view.model = dec
-    return view
+    return with_blocks(model, [i for i in range(n) if i not in set(skip)])
 
 
 def quantized_draft(model, bits: int = 4, group_size: int = 32, sym: bool = False, head: str = "fp32"):
@@ -137,25 +134,25 @@ def quantized_draft(model, bits: int = 4, group_size: int = 32, sym: bool = Fals
     head (group 32) and accepts far less.
     """
     from leanlm.compress.quant import QuantEmbedding, RTNConfig
-    from leanlm.compress.quant.gptq import rtn_solve
+    from leanlm.compress.quant.rtn import rtn_solve
 
     if head not in ("fp32", "int8", "int4"):
         raise ValueError(f"head must be fp32, int8 or int4, got {head!r}")
     draft = copy.deepcopy(model)
     cfg = RTNConfig(bits=bits, group_size=group_size, sym=sym)
+    out_head = head_module(draft)
     for name, mod in list(draft.named_modules()):
         for child_name, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear) and child is not draft.lm_head:
+            if isinstance(child, nn.Linear) and child is not out_head:
                 setattr(mod, child_name, rtn_solve(None, child, cfg))
     tied = draft.config.tie_word_embeddings
     if head == "int8" and tied:
-        emb = QuantEmbedding.from_embedding(draft.model.embed_tokens)
-        draft.model.embed_tokens = emb
-        emb.on_install(draft, "model.embed_tokens")  # the head reads the int8 table
+        # the int8 table replaces the embedding; its on_install points the tied head at it
+        replace_module(draft, EMBED, QuantEmbedding.from_embedding(embedding(draft)))
     elif head != "fp32":
         hb = 8 if head == "int8" else 4
         hcfg = RTNConfig(bits=hb, group_size=0 if hb == 8 else 32, sym=hb == 8)
-        draft.lm_head = rtn_solve(None, draft.lm_head, hcfg)  # an untied copy: the embedding stays fp32
+        replace_module(draft, HEAD, rtn_solve(None, out_head, hcfg))  # an untied copy: the embedding stays fp32
     return draft
 
 

@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 
 from leanlm.errors import LeanLMError
+from leanlm.io import modules
 from leanlm.io.atomic import atomic_dir
 from leanlm.model.config import ModelConfig, read_hf_config
 from leanlm.model.families import family
+from leanlm.model.layout import HEAD
 from leanlm.model.transformer import Transformer
 
 # Keys some checkpoints carry that are derived, not weights.
@@ -26,29 +28,18 @@ def build_on_meta(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
-def _compression_serialize():
-    try:
-        from leanlm.compress import serialize
-    except ImportError:
-        return None
-    return serialize
-
-
 def materialize(model: Transformer, sd: dict[str, torch.Tensor], source: str, meta: dict | None = None,
                 dtype: torch.dtype | None = None) -> Transformer:
     """Assign tensors into a meta-device model; the key sets must match exactly."""
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if meta:  # compressed modules (quantized/sparse) rebuild themselves from their tensors first
-        ser = _compression_serialize()
-        if ser is None:
-            raise LeanLMError(f"{source}: checkpoint is compressed but leanlm.compress is unavailable")
-        sd = ser.restore(model, sd, meta)
+        sd = modules.restore(model, sd, meta, source)
     if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+        sd.pop(f"{HEAD}.weight", None)
     own = model.state_dict(keep_vars=True)
     expected = {k for k, v in own.items() if v.is_meta}
     if model.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+        expected.discard(f"{HEAD}.weight")
     missing, unexpected = expected - sd.keys(), sd.keys() - own.keys()
     if missing or unexpected:
         parts = []
@@ -200,6 +191,8 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None, quantiz
     else:  # compressed modules restore themselves in materialize; the hook sees only float linears
         sd = _read_quantizing(folder, model, quantize, skip=set((meta or {}).get("modules") or {}))
     model = materialize(model, sd, str(folder), meta=meta, dtype=dtype)
+    if quantize is not None:  # linears stored fused (Phi-3's fused q/k/v, fused experts) meet the hook once split
+        model = quantize_linears(model, quantize)
     tok = Tokenizer.from_folder(folder)
     return model, tok
 
@@ -217,10 +210,10 @@ def quantize_linears(model: Transformer, quantize) -> Transformer:
 
 
 def _float_linears(model: Transformer) -> list[str]:
-    """Names of the plain nn.Linear layers a quantize hook sees (a tied lm_head is the embedding's)."""
+    """Names of the plain nn.Linear layers a quantize hook sees (a tied output head is the embedding's)."""
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     if model.config.tie_word_embeddings:
-        names = [n for n in names if n != "lm_head"]
+        names = [n for n in names if n != HEAD]
     return names
 
 
@@ -230,14 +223,9 @@ def save_hf_folder(model: Transformer, tokenizer, folder: str | Path, dtype: tor
 
     folder = Path(folder)
     cfg = model.config
-    meta = None
-    ser = _compression_serialize()
-    if ser is not None and hasattr(ser, "state_for_save"):
-        tensors, meta = ser.state_for_save(model)
-    else:
-        tensors = model.state_dict()
+    tensors, meta = modules.state_for_save(model)
     if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+        tensors.pop(f"{HEAD}.weight", None)
     if not meta:  # the family's checkpoint names (compressed checkpoints keep leanlm's, which load as they are)
         tensors = family(cfg.model_type).save_keys(tensors, cfg)
     out, ptrs = {}, set()

@@ -5,7 +5,6 @@ llama.cpp's converter permutes the rows of q/k for the "llama" architecture (it 
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,32 +13,8 @@ import torch
 from leanlm.errors import LeanLMError
 from leanlm.model.config import ModelConfig
 from leanlm.model.families import family_for_gguf, gguf_archs
-
-_NAME_MAP = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
-_BLK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-
-
-def hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _TOP:
-        return _TOP[gguf_name]
-    m = _BLK.match(gguf_name)
-    if m and m.group(2) in _NAME_MAP:
-        return f"model.layers.{m.group(1)}.{_NAME_MAP[m.group(2)]}.{m.group(3)}"
-    return None
+from leanlm.model.gguf_names import hf_name
+from leanlm.model.layout import layout_of
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -138,9 +113,10 @@ def load_gguf(path: str | Path, progress=None):
     names = {t.name for t in reader.tensors}
     cfg = config_from_fields(fields, names, str(path))
     arch = fields["general.architecture"]
+    lay = layout_of(cfg)
     sd = {}
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, lay)
         if name is None:
             if t.name == "rope_freqs.weight":
                 continue  # llama3 frequency table; we compute it from the config

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from leanlm.errors import LeanLMError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu")  # the MLP's gate activation (SwiGLU, GeGLU)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -36,6 +38,17 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
     hidden_act: str = "silu"
     model_type: str = "llama"
+    partial_rotary_factor: float = 1.0  # RoPE turns only the first head_dim * factor channels (Phi-3/4)
+    # Gemma 2/3
+    layer_types: list[str] | None = None  # per layer: "sliding_attention" (window) or "full_attention"
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers (None: rope_theta)
+    local_rope_scaling: dict | None = None  # RoPE scaling of the sliding layers (used when local_rope_theta is set)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), computed in fp32
+    post_norms: bool = False  # extra norms on the attention and MLP outputs (before the residual add)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # attention scores scale 1/sqrt(this) (None: head_dim)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
     # mixture of experts (0 experts: dense)
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -58,15 +71,30 @@ class ModelConfig:
             self.eos_token_id = [self.eos_token_id]
         if self.num_heads % self.num_kv_heads:
             raise LeanLMError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        rt = self.rope_type
-        if rt not in ROPE_TYPES:
-            raise LeanLMError(f"unsupported RoPE scaling type {rt!r}; supported: {', '.join(ROPE_TYPES)}")
+        for rt in {self.rope_type, _rope_type(self.local_rope_scaling)}:
+            if rt not in ROPE_TYPES:
+                raise LeanLMError(f"unsupported RoPE scaling type {rt!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise LeanLMError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.layer_types is not None:
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad or len(self.layer_types) != self.num_layers:
+                raise LeanLMError(f"layer_types must list {self.num_layers} of {', '.join(LAYER_TYPES)}; got "
+                                  f"{bad[0] if bad else len(self.layer_types)!r}")
 
     @property
     def rope_type(self) -> str:
-        if not self.rope_scaling:
-            return "default"
-        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+        return _rope_type(self.rope_scaling)
+
+    def window(self, layer: int) -> int | None:
+        """The layer's sliding window (None: it attends to every earlier token)."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def local_rope(self, layer: int) -> bool:
+        """True when the layer uses the sliding layers' own RoPE (Gemma 3)."""
+        return self.local_rope_theta is not None and self.window(layer) is not None
 
     def heads(self, layer: int) -> tuple[int, int]:
         nh = self.layer_num_heads[layer] if self.layer_num_heads else self.num_heads
@@ -102,10 +130,11 @@ class ModelConfig:
 
         mt = d.get("model_type")
         fam = family(mt, source)
+        d = {**fam.hf_defaults, **{k: v for k, v in d.items() if v is not None or k not in fam.hf_defaults}}
         try:
             rope = dict(d.get("rope_scaling") or {})
             params = d.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
-            theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
+            theta = d.get("rope_theta") or params.get("rope_theta", 10000.0)
             if params:
                 rope = {k: v for k, v in params.items() if k != "rope_theta"}
             if rope.get("rope_type", rope.get("type")) in (None, "default"):
@@ -116,7 +145,7 @@ class ModelConfig:
             if fam.sliding_flag and not d.get(fam.sliding_flag, False):
                 sliding = None
             eos = d.get("eos_token_id")
-            cfg = cls(
+            kw = dict(
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=int(d["hidden_size"]),
                 intermediate_size=int(d["intermediate_size"]),
@@ -142,16 +171,16 @@ class ModelConfig:
                 layer_num_kv_heads=d.get("leanlm_layer_num_kv_heads"),
                 layer_intermediate_size=d.get("leanlm_layer_intermediate_size"),
             )
-            for k, v in fam.read_config(d, cfg.num_layers).items():  # fields the family reads its own way
-                setattr(cfg, k, v)
-            for k, v in fam.fixed.items():  # what the family always has (transformers hard-codes it)
-                setattr(cfg, k, v)
+            kw.update(fam.read_config(d, kw["num_layers"]))  # what the family reads its own way (Gemma, Phi-3, MoE)
+            kw.update(fam.fixed)  # what the family always has (transformers hard-codes it)
+            cfg = cls(**kw)
         except KeyError as e:
             raise LeanLMError(f"{source}: missing required field {e.args[0]!r}; is this a transformers config.json?")
         except (TypeError, ValueError) as e:
             raise LeanLMError(f"{source}: malformed field ({e}); fix or regenerate the file")
-        if cfg.hidden_act not in ("silu", "swish"):
-            raise LeanLMError(f"{source}: unsupported hidden_act {cfg.hidden_act!r}; leanlm runs SwiGLU (silu)")
+        except LeanLMError as e:
+            msg = str(e)
+            raise LeanLMError(msg if msg.startswith(source) else f"{source}: {msg}") from None
         return cfg
 
     def to_hf(self, dtype: str = "float32") -> dict:
@@ -194,6 +223,12 @@ class ModelConfig:
             d["leanlm_layer_num_kv_heads"] = self.layer_num_kv_heads
             d["leanlm_layer_intermediate_size"] = self.layer_intermediate_size
         return d
+
+
+def _rope_type(rs: dict | None) -> str:
+    if not rs:
+        return "default"
+    return rs.get("rope_type", rs.get("type", "default"))
 
 
 def read_hf_config(folder: Path) -> ModelConfig:

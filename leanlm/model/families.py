@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from leanlm.errors import LeanLMError
 from leanlm.model import moe
-from leanlm.model.layout import LLAMA, Layout
+from leanlm.model.layout import GEMMA, LLAMA, Layout
 
 
 def _identity(sd: dict, cfg) -> dict:
@@ -44,6 +46,127 @@ class Family:
     # fields; write_config(cfg) -> config.json fields
     read_config: Callable[[dict, int], dict] = _nothing
     write_config: Callable[[object], dict] = _nothing
+    hf_defaults: dict = field(default_factory=dict)  # config.json values transformers assumes when a key is absent
+
+
+# ---- Gemma 2 / Gemma 3 (text) -------------------------------------------------------------------
+
+def _rope_dict(p: dict | None) -> dict | None:
+    p = {k: v for k, v in (p or {}).items() if k != "rope_theta"}
+    return None if p.get("rope_type", p.get("type", "default")) == "default" else p
+
+
+def _gemma_fields(d: dict, gemma3: bool) -> dict:
+    if d.get("use_bidirectional_attention"):
+        raise LeanLMError("use_bidirectional_attention=true is not supported; leanlm runs causal Gemma "
+                          "(set it to false)")
+    n = int(d["num_hidden_layers"])
+    pattern = int(d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6 if gemma3 else 2)))
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    out = dict(hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh",
+               layer_types=list(types), query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+               final_logit_softcapping=d.get("final_logit_softcapping", None if gemma3 else 30.0),
+               # Gemma 3 keeps the field but transformers never applies it (its attention has no soft-cap)
+               attn_logit_softcapping=None if gemma3 else d.get("attn_logit_softcapping", 50.0),
+               sliding_window=d.get("sliding_window", 4096))
+    if gemma3:  # per layer type RoPE: global layers 1M (+ scaling), local ones 10k
+        rp = d.get("rope_parameters") or {}
+        if "full_attention" in rp or "sliding_attention" in rp:
+            full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+        else:  # older config.json: rope_theta / rope_scaling (global), rope_local_base_freq (local)
+            full = {**(d.get("rope_scaling") or {}), "rope_theta": d.get("rope_theta", 1e6)}
+            local = {"rope_theta": d.get("rope_local_base_freq", 1e4)}
+        out.update(rope_theta=float(full.get("rope_theta", 1e6)), rope_scaling=_rope_dict(full),
+                   local_rope_theta=float(local.get("rope_theta", 1e4)), local_rope_scaling=_rope_dict(local))
+    return out
+
+
+def _gemma_hf(cfg) -> dict:
+    d = {"hidden_activation": cfg.hidden_act, "layer_types": cfg.layer_types,
+         "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "sliding_window": cfg.sliding_window,
+         "final_logit_softcapping": cfg.final_logit_softcapping,
+         "attn_logit_softcapping": cfg.attn_logit_softcapping, "use_bidirectional_attention": False}
+    if cfg.local_rope_theta is not None:
+        d["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
+            "sliding_attention": {"rope_type": "default", **(cfg.local_rope_scaling or {}),
+                                  "rope_theta": cfg.local_rope_theta}}
+        d["rope_theta"] = d["rope_scaling"] = None
+    return d
+
+
+_GEMMA_FIXED = {"norm_plus_one": True, "post_norms": True, "embed_scale": True, "mlp_bias": False}
+_GEMMA_DEFAULTS = {"tie_word_embeddings": True, "head_dim": 256, "rms_norm_eps": 1e-6}
+
+
+# ---- Phi-3 ---------------------------------------------------------------------------------------
+
+def _phi3_load(sd: dict, cfg) -> dict:
+    """Split the checkpoint's fused qkv_proj and gate_up_proj into leanlm's q/k/v and gate/up linears."""
+    sd = dict(sd)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        nh, nkv = cfg.heads(i)
+        qkv = sd.get(p + "self_attn.qkv_proj.weight")
+        if isinstance(qkv, torch.Tensor):  # (a name-only pass, as the quantizing loader makes, keeps it fused)
+            del sd[p + "self_attn.qkv_proj.weight"]
+            q, k, v = qkv.split([nh * cfg.head_dim, nkv * cfg.head_dim, nkv * cfg.head_dim])
+            sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"] = q, k, v
+        gu = sd.get(p + "mlp.gate_up_proj.weight")
+        if isinstance(gu, torch.Tensor):
+            del sd[p + "mlp.gate_up_proj.weight"]
+            sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = gu.chunk(2)
+    return sd
+
+
+def _phi3_save(sd: dict, cfg) -> dict:
+    """Fuse them back, where all parts are still plain weights (compressed modules keep leanlm's names)."""
+    sd = dict(sd)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for fused, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                             ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
+            keys = [f"{p}{n}.weight" for n in parts]
+            if all(k in sd for k in keys) and not any(f"{p}{n}.bias" in sd for n in parts):
+                sd[f"{p}{fused}.weight"] = torch.cat([sd.pop(k) for k in keys])
+    return sd
+
+
+def _phi3_fields(d: dict, num_layers: int) -> dict:
+    rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind in ("su", "yarn"):  # transformers reads Phi-3's older names as LongRoPE
+        kind = "longrope"
+    if kind not in ("default", "longrope"):
+        raise LeanLMError(f"rope type {kind!r} is not one Phi-3 runs; supported: default, longrope")
+    out = {"partial_rotary_factor": float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
+           "sliding_window": d.get("sliding_window")}
+    if kind == "longrope":
+        head_dim = int(d.get("head_dim") or int(d["hidden_size"]) // int(d["num_attention_heads"]))
+        half = int(head_dim * out["partial_rotary_factor"]) // 2
+        for key in ("short_factor", "long_factor"):
+            v = rp.get(key)
+            if not isinstance(v, list) or len(v) != half:
+                raise LeanLMError(f"LongRoPE needs rope_parameters.{key}, a list of {half} numbers "
+                                  f"(half the rotary dimension); got {v!r:.60}")
+        scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor", "type")}
+        scaling["rope_type"] = "longrope"
+        # Phi-3 keeps the pretraining length beside the RoPE dict; transformers prefers it there
+        scaling["original_max_position_embeddings"] = int(d.get(
+            "original_max_position_embeddings", rp.get("original_max_position_embeddings", 4096)))
+        out["rope_scaling"] = scaling
+    else:
+        out["rope_scaling"] = None
+    return out
+
+
+def _phi3_hf(cfg) -> dict:
+    rp = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta,
+          "partial_rotary_factor": cfg.partial_rotary_factor, **(cfg.rope_scaling or {})}
+    d = {"rope_parameters": rp, "rope_theta": None, "rope_scaling": None}
+    if cfg.rope_scaling:
+        d["original_max_position_embeddings"] = cfg.rope_scaling["original_max_position_embeddings"]
+    return d
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
@@ -64,6 +187,17 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", fixed={"qk_norm": True}, sliding_flag="use_sliding_window",
            load_keys=moe.split_fused_experts, read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=False),
            write_config=moe.write_moe_config),
+    # GGUF names (llama.cpp): "gemma2", "gemma3", "phi3". None until their tensor maps exist (llama.cpp also
+    # stores Gemma's norms as 1 + w and Phi-3's q/k/v fused): reading them with Llama's map would load a
+    # model that computes something else, so the reader refuses them.
+    Family("gemma2", "Gemma2ForCausalLM", None, layout=GEMMA, fixed=_GEMMA_FIXED, hf_defaults=_GEMMA_DEFAULTS,
+           read_config=lambda d, n: _gemma_fields(d, gemma3=False), write_config=_gemma_hf),
+    Family("gemma3_text", "Gemma3ForCausalLM", None, layout=GEMMA, fixed={**_GEMMA_FIXED, "qk_norm": True},
+           hf_defaults=_GEMMA_DEFAULTS, read_config=lambda d, n: _gemma_fields(d, gemma3=True), write_config=_gemma_hf),
+    Family("phi3", "Phi3ForCausalLM", None, fixed={"attention_bias": False, "attention_out_bias": False,
+                                                     "mlp_bias": False},
+           hf_defaults={"rms_norm_eps": 1e-5}, load_keys=_phi3_load, save_keys=_phi3_save, read_config=_phi3_fields,
+           write_config=_phi3_hf),
 ]}
 
 

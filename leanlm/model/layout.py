@@ -93,6 +93,10 @@ class Layout:
         return sorted({n.rpartition(".")[2] for n in (self.q, self.k, self.v, self.o)} |
                       {self.gate, self.up, self.down})
 
+    def leaf(self, role: str) -> str:
+        """The last name part of a role's module ("k" -> "k_proj"): what peft-style suffix targets match."""
+        return getattr(self, role).rpartition(".")[2]
+
     def attention_leaves(self) -> list[str]:
         return [n.rpartition(".")[2] for n in (self.q, self.k, self.v, self.o)]
 
@@ -101,6 +105,10 @@ class Layout:
 
 
 LLAMA = Layout()
+# Gemma 2/3: four norms per block; transformers' `post_attention_layernorm` normalizes the attention
+# *output* there, and `pre_feedforward_layernorm` is the one feeding the MLP.
+GEMMA = Layout(mlp_norm="pre_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
+               mlp_post_norm="post_feedforward_layernorm")
 
 
 def layout_of(model_or_cfg) -> Layout:
@@ -132,6 +140,46 @@ def base_model(model) -> nn.Module:
 
 def embedding(model) -> nn.Module:
     return base_model(model).get_submodule(EMBED)
+
+
+def head(model) -> nn.Module:
+    """The output head module (for code that swaps or skips it; computing logits is model.logits(hidden))."""
+    return base_model(model).get_submodule(HEAD)
+
+
+def block_pattern() -> str:
+    """A regex matching the full name of every module inside the decoder blocks."""
+    return rf"^{re.escape(BLOCKS)}\.\d+\."
+
+
+def set_blocks(model, new: nn.ModuleList) -> None:
+    """Replace the model's list of decoder blocks (dropping or reordering blocks)."""
+    parent, _, child = BLOCKS.rpartition(".")
+    setattr(base_model(model).get_submodule(parent), child, new)
+
+
+def with_blocks(model, keep: list[int]):
+    """A shallow view of the model that runs only the blocks `keep` (weights shared, nothing copied)."""
+    import copy
+
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    owner, parts = view, BLOCKS.split(".")
+    for p in parts[:-1]:  # copy every module on the path to the block list, so the original is untouched
+        child = copy.copy(owner._modules[p])
+        child._modules = dict(child._modules)
+        owner._modules[p] = child
+        owner = child
+    owner._modules[parts[-1]] = nn.ModuleList(blocks(model)[i] for i in keep)
+    return view
+
+
+def all_linear_any_family() -> list[str]:
+    """Leaf names of the "all linear" set of every family, for hooks that see module names before the
+    model's family is known (QLoRA's quantize-on-load)."""
+    from leanlm.model.families import FAMILIES
+
+    return sorted({n for f in FAMILIES.values() for n in f.layout.all_linear()})
 
 
 def block_linears(model, layer: int, group: str | None = None) -> list[str]:

@@ -95,7 +95,8 @@ def moe_blocks(model) -> list[SparseMoE]:
 @contextmanager
 def router_stats(model):
     """Record tokens per expert in every MoE block while inside: yields {layer: counts [experts]}
-    (int64 tensors, updated in place as the model runs; top-k picks count once each)."""
+    (int64 tensors, updated in place as the model runs; each of a token's top-k picks counts once, and
+    the pad positions of a left-padded batch count too)."""
     mods = moe_blocks(model)
     if not mods:
         raise LeanLMError("router_stats: the model has no mixture-of-experts blocks")

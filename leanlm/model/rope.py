@@ -15,14 +15,22 @@ def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
-def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def rope_dim(cfg: ModelConfig) -> int:
+    """Channels of a head that RoPE turns (Phi-3/4's partial_rotary_factor leaves the rest as they are)."""
+    return int(cfg.head_dim * cfg.partial_rotary_factor)
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None, local: bool = False) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the attention scaling applied to cos/sin.
 
     seq_len only matters for dynamic NTK, which stretches the base once the sequence outgrows
-    max_position_embeddings.
+    max_position_embeddings, and for LongRoPE, whose long factors apply once the sequence outgrows
+    the original (pretraining) length. local: the sliding layers' own RoPE (Gemma 3).
     """
-    dim, theta, rs = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {}
-    kind = cfg.rope_type
+    dim, theta, rs = rope_dim(cfg), cfg.rope_theta, cfg.rope_scaling or {}
+    if local:
+        theta, rs = cfg.local_rope_theta, cfg.local_rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
     if kind == "default":
         return _base_inv_freq(theta, dim), 1.0
     factor = float(rs["factor"]) if rs.get("factor") is not None else None
@@ -75,20 +83,30 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.T
         extra, inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
         keep = 1 - ramp  # 1 where we extrapolate (high frequencies)
         return inter * (1 - keep) + extra * keep, float(attn)
+    if kind == "longrope":  # Phi-3 (LongRoPE / "su"): per-frequency factors, short or long by sequence length
+        orig = int(rs["original_max_position_embeddings"])
+        if factor is None:
+            factor = cfg.max_position_embeddings / orig
+        attn = rs.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        ext = torch.tensor(rs["long_factor"] if seq_len and seq_len > orig else rs["short_factor"],
+                           dtype=torch.float32)
+        return 1.0 / (ext * theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), float(attn)
     raise ValueError(kind)
 
 
 class RopeTable:
     """cos/sin for positions [0, n), built once and grown on demand (dynamic NTK rebuilds per length)."""
 
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, local: bool = False):
+        self.cfg, self.local = cfg, local
         self.cos = self.sin = None
         self.n = 0
         self.key = None
 
     def _build(self, n: int, seq_len: int | None):
-        inv, scale = rope_inv_freq(self.cfg, seq_len)
+        inv, scale = rope_inv_freq(self.cfg, seq_len, self.local)
         t = torch.arange(n, dtype=torch.float32)
         freqs = torch.outer(t, inv)
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -100,8 +118,13 @@ class RopeTable:
         """positions [B, T] -> cos, sin [B, 1, T, head_dim] in dtype."""
         need = max_pos + 1
         key = None
-        if self.cfg.rope_type == "dynamic":
+        rs = (self.cfg.local_rope_scaling if self.local else self.cfg.rope_scaling) or {}
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind == "dynamic":
             key = max(need, self.cfg.max_position_embeddings)
+        elif kind == "longrope":  # like transformers: the whole forward takes the long factors past the original length
+            orig = int(rs["original_max_position_embeddings"])
+            key = orig + 1 if need > orig else 0
         # Tables are built outside inference mode: a model that generated first can still be trained.
         if self.cos is None or need > self.n or key != self.key:
             n = max(need, min(self.cfg.max_position_embeddings, 8192), 2 * self.n if need > self.n else self.n)
@@ -124,4 +147,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr = x[..., :r]  # partial rotary: the remaining channels pass through
+    return torch.cat([xr * cos + rotate_half(xr) * sin, x[..., r:]], dim=-1)

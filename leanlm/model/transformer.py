@@ -1,4 +1,4 @@
-"""The one decoder: Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2 are config fields of this file.
+"""The one decoder: Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3 and SmolLM2 are config fields of this file.
 
 Module names mirror transformers' (model.layers.N.self_attn.q_proj, ...) so Hugging Face
 checkpoints load with an identity key map. The KV cache is an argument of forward, never state
@@ -16,13 +16,28 @@ from leanlm.model.rope import RopeTable, apply_rope
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm; plus_one (Gemma): the scale is (1 + weight) and the whole op runs in fp32 before the cast."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+
+    @torch.no_grad()
+    def fold_scale_(self, s: torch.Tensor) -> None:
+        """Divide the output by s per channel (AWQ/SmoothQuant fold s into the norm feeding their linears)."""
+        w = self.weight
+        if self.plus_one:
+            w.copy_(((1.0 + w.float()) / s.float() - 1.0).to(w.dtype))
+        else:
+            w.div_(s.to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
+        if self.plus_one:
+            x32 = x.float()
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (x32 * (1.0 + self.weight.float())).to(dt)
         if dt == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         # Normalise in fp32 like the reference, then cast back before the weight.
@@ -63,6 +78,10 @@ class KVCache:
                 positions = (self.valid[:, :end].long().cumsum(-1) - 1).clamp_min(0)[:, start:end]
         return positions, self._mask(start, T, window)
 
+    def window_mask(self, window: int | None):
+        """The current step's mask for another window (models mixing local and global layers)."""
+        return self._mask(self.length, self.pending, window)
+
     def _mask(self, start: int, T: int, window: int | None):
         end = start + T
         windowed = window is not None and end > window
@@ -93,8 +112,11 @@ class KVCache:
         self.pending = 0
 
 
-def attention(q, k, v, mask) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, L, D]; mask: None (all), "causal", or bool [B|1, 1, T, L]."""
+def attention(q, k, v, mask, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, Hkv, L, D]; mask: None (all), "causal", or bool [B|1, 1, T, L].
+    scale: scores multiplier (None: 1/sqrt(D)); softcap: scores -> softcap * tanh(scores / softcap)."""
+    if softcap is not None:
+        return _attention_softcapped(q, k, v, mask, scale, softcap)
     groups = q.shape[1] // k.shape[1]
     B, H, T, D = q.shape
     if groups > 1 and not isinstance(mask, str):
@@ -103,14 +125,30 @@ def attention(q, k, v, mask) -> torch.Tensor:
         qg = q.reshape(B, Hkv, groups * T, D)
         if mask is not None:
             mask = mask.repeat(1, 1, groups, 1)
-        y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
         return y.reshape(B, H, T, D)
     if groups > 1:  # causal prefill: SDPA's is_causal path needs equal head counts
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     if isinstance(mask, str):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _attention_softcapped(q, k, v, mask, scale, softcap) -> torch.Tensor:
+    """Scores computed explicitly: SDPA has no soft-capping (Gemma 2). Softmax in fp32 like the reference."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = torch.tanh(s / softcap) * softcap
+    if isinstance(mask, str):
+        T, L = s.shape[-2:]
+        mask = torch.ones(T, L, dtype=torch.bool, device=s.device).tril(L - T)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class _FusedLinear:
@@ -199,13 +237,15 @@ class Attention(nn.Module):
         nh, nkv = cfg.heads(layer)
         hd = cfg.head_dim
         self.nh, self.nkv, self.hd, self.layer = nh, nkv, hd, layer
+        self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
         self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=cfg.attention_out_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_plus_one)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
@@ -221,7 +261,7 @@ class Attention(nn.Module):
             q, k, v = self._qkv_unfused(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, mask)
+        y = attention(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
     def _qkv_unfused(self, x, cos, sin):
@@ -236,10 +276,20 @@ class Attention(nn.Module):
         return q, k, v
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu_pytorch_tanh": gelu_tanh, "gelu": F.gelu}
+
+
 class MLP(nn.Module):
+    """act(gate(x)) * up(x) -> down: SwiGLU (silu) or GeGLU (gelu, Gemma)."""
+
     def __init__(self, cfg: ModelConfig, layer: int, width: int | None = None):
         super().__init__()
         inter = cfg.intermediate(layer) if width is None else width  # width: a MoE expert's
+        self.act = ACTIVATIONS[cfg.hidden_act]
         self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
@@ -248,19 +298,37 @@ class MLP(nn.Module):
         fused = fused_weight(self, "_gate_up", (self.gate_proj, self.up_proj))
         if fused is not None:
             gate, up = fused(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """One decoder block. cos/sin and mask are tensors, or dicts when layers differ (Gemma's local and
+    global layers): cos/sin keyed by "local RoPE?", mask by window; each block picks its own."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        h, eps, one = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one
+        self.window, self.local = cfg.window(layer), cfg.local_rope(layer)
+        self.input_layernorm = RMSNorm(h, eps, one)
         self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Llama: post_attention_layernorm feeds the MLP. Gemma (post_norms): it normalizes the attention
+        # output, and pre_feedforward_layernorm feeds the MLP (layout.GEMMA names the roles).
+        self.post_attention_layernorm = RMSNorm(h, eps, one)
+        if cfg.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, one)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, one)
+        self.post_norms = cfg.post_norms
         self.mlp = SparseMoE(cfg, layer, lambda w: MLP(cfg, layer, w)) if cfg.is_moe_layer(layer) else MLP(cfg, layer)
 
     def forward(self, x, cos, sin, mask, cache):
+        if isinstance(cos, dict):
+            cos, sin = cos[self.local], sin[self.local]
+        if isinstance(mask, dict):
+            mask = mask[self.window]
+        if self.post_norms:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -270,7 +338,15 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
+def _plain_mask(T: int, window: int | None, device):
+    """Mask of a forward without a cache: causal, and banded when the window is shorter than T."""
+    if window is None or T <= window:
+        return "causal"
+    i = torch.arange(T, device=device)
+    return ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
 
 
 class Transformer(nn.Module):
@@ -282,6 +358,7 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RopeTable(cfg)
+        self.rope_local = RopeTable(cfg, local=True) if cfg.local_rope_theta is not None else None
         self.tie_weights()
 
     def tie_weights(self):
@@ -292,23 +369,46 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the blocks take them (Gemma scales them by sqrt(hidden), in their dtype)."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on final hidden states (with Gemma 2's logit soft-capping)."""
+        y = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            y = torch.tanh(y / cap) * cap
+        return y
+
     def forward(self, input_ids: torch.Tensor | None = None, cache=None, positions: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, last_only: bool = False,
                 return_hidden: bool = False) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        window = self.config.sliding_window
+        cfg = self.config
+        if cfg.layer_types is None:
+            windows = [cfg.sliding_window]
+        else:  # layer 0's window first: a cache that cannot window says so in begin()
+            windows = list(dict.fromkeys(cfg.window(i) for i in range(cfg.num_layers)))
         if cache is not None:
-            positions, mask = cache.begin(T, positions, window)
+            positions, mask = cache.begin(T, positions, windows[0])
+            if len(windows) > 1:
+                mask = {windows[0]: mask, **{w: cache.window_mask(w) for w in windows[1:]}}
         else:
             if positions is None:
                 positions = torch.arange(T, device=x.device).unsqueeze(0)
-            mask = "causal"
-            if window is not None and T > window:
-                i = torch.arange(T)
-                mask = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
+            mask = _plain_mask(T, windows[0], x.device)
+            if len(windows) > 1:
+                mask = {w: _plain_mask(T, w, x.device) for w in windows}
         max_pos = int(positions.max()) if positions.numel() else 0
         cos, sin = self.rope.lookup(positions, max_pos, x.dtype)
+        if self.rope_local is not None:
+            cl, sl = self.rope_local.lookup(positions, max_pos, x.dtype)
+            cos, sin = {False: cos, True: cl}, {False: sin, True: sl}
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -318,7 +418,7 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
-        return self.lm_head(x)
+        return self.logits(x)
 
     def fuse_projections(self) -> "Transformer":
         """Inference speed-up: q/k/v and gate/up each run as one matmul. Weights are shared, not copied;

@@ -8,15 +8,18 @@ format (MeZO, which tunes all weights, writes a full model folder), log.jsonl an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
 
-METHOD_NAMES = ["lora", "dora", "lora-fa", "ia3", "prompt", "prefix", "qlora", "mezo"]
-# Learning rates that work on the packaged task with SmolLM2-135M (docs/bench/finetune.md).
+METHOD_NAMES = ["lora", "dora", "lora-fa", "ia3", "prompt", "prefix", "qlora", "mezo"]  # leanlm.peft.METHODS
+# Learning rates and step counts that work on the packaged task with SmolLM2-135M (docs/bench/finetune.md).
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "lora-fa": 4e-3, "qlora": 2e-3, "ia3": 3e-2, "prompt": 3e-2,
               "prefix": 1e-2, "mezo": 1e-6}
+DEFAULT_STEPS = {"mezo": 400}  # otherwise 60
+PROMPT_INIT = "Rewrite the answer in the requested format."  # prompt tuning starts from these tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated module names, or a regex over full module names")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated module names, or a regex over full module names "
+                        "(default: every linear of the blocks, as the model's family names them)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     p.add_argument("--virtual-tokens", type=int, default=16, help="prompt / prefix tuning length")
     p.add_argument("--mezo-eps", type=float, default=1e-3)
@@ -58,53 +62,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def targets_arg(s: str):
+def targets_arg(s: str | None):
+    if s is None:
+        return None  # the family's all-linear set (leanlm.peft.lora.resolve_targets)
     parts = [t.strip() for t in s.split(",") if t.strip()]
     if any(ch in s for ch in "*[]()|\\^$") and len(parts) == 1:
         return s  # a regex over full module names
     return parts
 
 
-def method_options(args) -> dict:
-    m = args.method
-    if m in ("lora", "dora", "lora-fa", "qlora"):
-        return dict(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets_arg(args.targets),
-                    use_rslora=args.rslora)
-    if m == "ia3":
-        return {}
-    if m in ("prompt", "prefix"):
-        return dict(num_virtual_tokens=args.virtual_tokens)
-    return {}
+def method_class(method: str):
+    from leanlm.options import method_entry
+    from leanlm.peft import METHODS
+
+    return method_entry(METHODS, method, "fine-tuning method")[0]
+
+
+def method_options(args, tokenizer=None) -> dict:
+    """The command line's options that the method's config has a field for."""
+    fields = {f.name for f in dataclasses.fields(method_class(args.method))}
+    given = dict(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets_arg(args.targets),
+                 use_rslora=args.rslora, num_virtual_tokens=args.virtual_tokens)
+    if "init_ids" in fields and tokenizer is not None:
+        given["init_ids"] = tokenizer.encode(PROMPT_INIT, add_special=False)
+    return {k: v for k, v in given.items() if k in fields}
 
 
 def load_for(args):
-    """The model and tokenizer; QLoRA's targets become NF4 as the loader reads them, so the float model
-    is never whole in memory (its accuracy "before" is then the NF4 base's)."""
+    """The model and tokenizer. A method whose config has `quantize_on_load` (QLoRA) gets its targets
+    quantized as the loader reads them, so the float model is never whole in memory (its accuracy
+    "before" is then the quantized base's)."""
     from leanlm.cli import load_model
 
-    if args.method != "qlora":
+    hook = getattr(method_class(args.method), "quantize_on_load", None)
+    if hook is None:
         return load_model(args)
-    from leanlm.peft.qlora import nf4_on_load
-
-    return load_model(args, quantize=nf4_on_load(targets_arg(args.targets)))
+    return load_model(args, quantize=hook(targets_arg(args.targets)))
 
 
 def prepare(model, tokenizer, method: str, options: dict):
     """Apply `method` to the model; returns the model to train."""
     from leanlm.peft import apply
 
-    if method == "mezo":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if method == "qlora":
-        from leanlm.peft.qlora import apply_qlora
-        from leanlm.peft.lora import LoraConfig
-
-        return apply_qlora(model, LoraConfig(**options))
-    if method == "prompt":
-        ids = tokenizer.encode("Rewrite the answer in the requested format.", add_special=False)
-        options = {**options, "init_ids": ids}
     return apply(model, method, **options)
 
 
@@ -154,11 +153,13 @@ def run(args) -> int:
         return {"eval_loss": evaluate_loss(m, held, args.batch_size)}
 
     before = measure(model)
-    model = prepare(model, tok, args.method, method_options(args))
-    steps = args.max_steps or (400 if args.method == "mezo" else 60)
+    model = prepare(model, tok, args.method, method_options(args, tok))
+    method = method_class(args.method)
+    full_model = getattr(method, "full_model", False)
+    steps = args.max_steps or DEFAULT_STEPS.get(args.method, 60)
     cfg = TrainConfig(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=args.lr or DEFAULT_LR[args.method], weight_decay=args.weight_decay,
-                      optimizer="mezo" if args.method == "mezo" else args.optimizer, warmup_steps=args.warmup,
+                      optimizer=getattr(method, "optimizer", args.optimizer), warmup_steps=args.warmup,
                       bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every,
                       save_every=args.save_every, out_dir=str(out), seed=args.seed,
                       progress=not args.no_progress and not args.json, mezo_eps=args.mezo_eps,
@@ -167,13 +168,13 @@ def run(args) -> int:
     res = train(model, train_data, cfg, eval_data=held if args.eval_every else None, resume=args.resume)
     wall = time.perf_counter() - t0
     after = measure(model)
-    if args.method == "mezo":
+    if full_model:
         from leanlm.api import save
 
         save(model, tok, out / "model")
     else:
         save_adapter(model, out / "adapter", base_name=base_name)
-    if args.merge and args.method not in ("mezo", "prompt", "prefix"):
+    if args.merge and not full_model and hasattr(model, "peft_config") and not hasattr(model, "base_model"):
         from leanlm.api import save
         from leanlm.peft import unload_lora
 

@@ -5,19 +5,30 @@ the input is scaled (`ia3_l` shape [1, in]) - peft's layout and key names, so ad
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from leanlm.errors import LeanLMError
-from leanlm.peft.lora import base_weight, freeze_base, matches, replace_module, target_names
+from leanlm.model.layout import layout_of
+from leanlm.model.surgery import replace_module
+from leanlm.peft.lora import base_weight, freeze_base, matches, target_names
 
 
 @dataclass
 class IA3Config:
-    target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
+    # None: peft's defaults for the family, from its layout: the key and value projections and the
+    # MLP's down projection, which is also the one feed-forward module (its input is scaled).
+    target_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+
+
+def default_targets(model) -> tuple[list[str], list[str]]:
+    """(target_modules, feedforward_modules) of (IA)3 for the model's family."""
+    lay = layout_of(model)
+    return [lay.leaf("k"), lay.leaf("v"), lay.down], [lay.down]
 
 
 class IA3Linear(nn.Module):
@@ -67,6 +78,10 @@ class IA3Linear(nn.Module):
 
 
 def apply_ia3(model: nn.Module, cfg: IA3Config) -> nn.Module:
+    targets, feedforward = default_targets(model)
+    cfg = dataclasses.replace(cfg, target_modules=targets if cfg.target_modules is None else cfg.target_modules,
+                              feedforward_modules=feedforward if cfg.feedforward_modules is None
+                              else cfg.feedforward_modules)
     names = target_names(model, cfg.target_modules)
     if not names:
         raise LeanLMError(f"no module matches target_modules={cfg.target_modules!r}")

@@ -2,6 +2,9 @@
 
 Key names are peft's (`base_model.model.<module>.lora_A.weight`, `...lora_magnitude_vector`,
 `...ia3_l`, `prompt_embeddings`); our module names mirror transformers', so the map is a prefix.
+One table, FORMATS, says per peft_type which config class it is, how the method is applied, how its
+config maps to and from adapter_config.json, and which tensors the adapter holds; adding a PEFT method
+with a peft counterpart is one entry here.
 """
 from __future__ import annotations
 
@@ -11,11 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from typing import Callable, NamedTuple
+
 from leanlm.errors import LeanLMError
 from leanlm.peft.ia3 import IA3Config, IA3Linear, apply_ia3
 from leanlm.peft.lora import LoraConfig, LoraLinear, apply_lora
-from leanlm.peft.prompt import (PrefixTuned, PrefixTuningConfig, PromptTuned, PromptTuningConfig,
-                                apply_prefix_tuning, apply_prompt_tuning)
+from leanlm.peft.prompt import PrefixTuningConfig, PromptTuningConfig, apply_prefix_tuning, apply_prompt_tuning
 
 PREFIX = "base_model.model."
 # peft config fields we read; any other field set away from its default means a feature we lack.
@@ -35,38 +39,123 @@ def _peft_version() -> str:
         return "0.13.0"
 
 
+def _listed(v):
+    return v if isinstance(v, str) else sorted(v)
+
+
+# ---------------------------------------------------------------- LoRA / DoRA (LoRA-FA, QLoRA save as LoRA)
+def _lora_to(cfg: LoraConfig, model) -> dict:
+    return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": _listed(cfg.target_modules),
+            "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def _lora_from(d: dict, source: str) -> LoraConfig:
+    for k, default in _LORA_UNSUPPORTED.items():
+        v = d.get(k, default)
+        if v not in (default, None) and v != {} and v is not False:
+            raise LeanLMError(f"{source}: peft option {k}={v!r} is not supported by leanlm; "
+                              "retrain the adapter without it")
+    tm = d.get("target_modules")
+    if tm is None:
+        raise LeanLMError(f"{source}: target_modules is missing")
+    return LoraConfig(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
+                      target_modules=tm if isinstance(tm, str) else list(tm),
+                      use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)))
+
+
+def _lora_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
+            out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+            if m.use_dora:
+                out[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
+    return out
+
+
+# ---------------------------------------------------------------- (IA)3
+def _ia3_to(cfg: IA3Config, model) -> dict:
+    return {"target_modules": _listed(cfg.target_modules), "feedforward_modules": _listed(cfg.feedforward_modules),
+            "fan_in_fan_out": False, "init_ia3_weights": True}
+
+
+def _ia3_from(d: dict, source: str) -> IA3Config:
+    tm, ff = d.get("target_modules"), d.get("feedforward_modules") or []
+    return IA3Config(target_modules=tm if isinstance(tm, str) else list(tm),
+                     feedforward_modules=ff if isinstance(ff, str) else list(ff))
+
+
+def _ia3_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {f"{PREFIX}{name}.ia3_l": m.ia3_l for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+
+
+# ---------------------------------------------------------------- prompt / prefix tuning
+def _prompt_to(cfg: PromptTuningConfig, model) -> dict:
+    c = model.config
+    return {"num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": c.hidden_size, "num_transformer_submodules": 1,
+            "num_attention_heads": c.num_heads, "num_layers": c.num_layers, "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
+
+
+def _prompt_from(d: dict, source: str) -> PromptTuningConfig:
+    if d.get("num_transformer_submodules", 1) != 1:
+        raise LeanLMError(f"{source}: only decoder-only prompt tuning is supported")
+    return PromptTuningConfig(num_virtual_tokens=int(d["num_virtual_tokens"]))
+
+
+def _prefix_to(cfg: PrefixTuningConfig, model) -> dict:
+    c = model.config
+    return {"num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": c.num_kv_heads * c.head_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": c.num_kv_heads, "num_layers": c.num_layers,
+            "encoder_hidden_size": c.num_kv_heads * c.head_dim, "prefix_projection": False}
+
+
+def _prefix_from(d: dict, source: str) -> PrefixTuningConfig:
+    if d.get("prefix_projection"):
+        raise LeanLMError(f"{source}: prefix_projection=true is not supported; train without the MLP projection")
+    return PrefixTuningConfig(num_virtual_tokens=int(d["num_virtual_tokens"]))
+
+
+def _virtual_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {"prompt_embeddings": model.prompt_embeddings}
+
+
+class PeftFormat(NamedTuple):
+    config: type  # our config class (subclasses too: DoRA, LoRA-FA and QLoRA configs save as LORA)
+    apply: Callable  # (model, cfg) -> model
+    to_peft: Callable  # (cfg, model) -> adapter_config.json fields of this type
+    from_peft: Callable  # (adapter_config dict, source) -> cfg
+    tensors: Callable  # model -> {peft key: parameter}
+
+
+FORMATS: dict[str, PeftFormat] = {
+    "LORA": PeftFormat(LoraConfig, apply_lora, _lora_to, _lora_from, _lora_tensors),
+    "IA3": PeftFormat(IA3Config, apply_ia3, _ia3_to, _ia3_from, _ia3_tensors),
+    "PROMPT_TUNING": PeftFormat(PromptTuningConfig, apply_prompt_tuning, _prompt_to, _prompt_from, _virtual_tensors),
+    "PREFIX_TUNING": PeftFormat(PrefixTuningConfig, apply_prefix_tuning, _prefix_to, _prefix_from, _virtual_tensors),
+}
+
+
+def format_of(cfg) -> tuple[str, PeftFormat]:
+    for kind, f in FORMATS.items():
+        if isinstance(cfg, f.config):
+            return kind, f
+    raise LeanLMError("this model has no adapter to save; apply a method first (leanlm.peft.apply)")
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's key names."""
     return {k: v.detach().contiguous() for k, v in _adapter_params(model).items()}
 
 
 def peft_config_dict(model: nn.Module, base_name: str | None = None) -> dict:
-    cfg = getattr(model, "peft_config", None)
+    kind, f = format_of(getattr(model, "peft_config", None))
     common = {"base_model_name_or_path": base_name, "inference_mode": True, "task_type": "CAUSAL_LM",
               "peft_version": _peft_version(), "revision": None, "modules_to_save": None}
-    c = model.config if hasattr(model, "config") else None
-    if isinstance(cfg, LoraConfig):
-        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
-        return {**common, "peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-                "target_modules": targets, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
-                "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "lora_bias": False,
-                "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
-    if isinstance(cfg, IA3Config):
-        t = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
-        f = cfg.feedforward_modules if isinstance(cfg.feedforward_modules, str) else sorted(cfg.feedforward_modules)
-        return {**common, "peft_type": "IA3", "target_modules": t, "feedforward_modules": f,
-                "fan_in_fan_out": False, "init_ia3_weights": True}
-    if isinstance(cfg, PromptTuningConfig):
-        return {**common, "peft_type": "PROMPT_TUNING", "num_virtual_tokens": cfg.num_virtual_tokens,
-                "token_dim": c.hidden_size, "num_transformer_submodules": 1, "num_attention_heads": c.num_heads,
-                "num_layers": c.num_layers, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
-                "tokenizer_name_or_path": None}
-    if isinstance(cfg, PrefixTuningConfig):
-        return {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": cfg.num_virtual_tokens,
-                "token_dim": c.num_kv_heads * c.head_dim, "num_transformer_submodules": 1,
-                "num_attention_heads": c.num_kv_heads, "num_layers": c.num_layers,
-                "encoder_hidden_size": c.num_kv_heads * c.head_dim, "prefix_projection": False}
-    raise LeanLMError("this model has no adapter to save; apply a method first (leanlm.peft.apply)")
+    return {**common, "peft_type": kind, **f.to_peft(model.peft_config, model)}
 
 
 def save_adapter(model: nn.Module, folder: str | Path, base_name: str | None = None) -> Path:
@@ -104,42 +193,14 @@ def read_adapter_config(folder: str | Path) -> dict:
 def config_from_peft(d: dict, source: str = "adapter_config.json"):
     """Our method config for a peft adapter_config.json dict (errors on features we do not run)."""
     kind = d["peft_type"]
-    if kind == "LORA":
-        for k, default in _LORA_UNSUPPORTED.items():
-            v = d.get(k, default)
-            if v not in (default, None) and v != {} and v is not False:
-                raise LeanLMError(f"{source}: peft option {k}={v!r} is not supported by leanlm; "
-                                  "retrain the adapter without it")
-        tm = d.get("target_modules")
-        if tm is None:
-            raise LeanLMError(f"{source}: target_modules is missing")
-        return LoraConfig(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
-                          target_modules=tm if isinstance(tm, str) else list(tm),
-                          use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)))
-    if kind == "IA3":
-        tm, ff = d.get("target_modules"), d.get("feedforward_modules") or []
-        return IA3Config(target_modules=tm if isinstance(tm, str) else list(tm),
-                         feedforward_modules=ff if isinstance(ff, str) else list(ff))
-    if kind == "PROMPT_TUNING":
-        if d.get("num_transformer_submodules", 1) != 1:
-            raise LeanLMError(f"{source}: only decoder-only prompt tuning is supported")
-        return PromptTuningConfig(num_virtual_tokens=int(d["num_virtual_tokens"]))
-    if kind == "PREFIX_TUNING":
-        if d.get("prefix_projection"):
-            raise LeanLMError(f"{source}: prefix_projection=true is not supported; train without the MLP projection")
-        return PrefixTuningConfig(num_virtual_tokens=int(d["num_virtual_tokens"]))
-    raise LeanLMError(f"{source}: peft_type {kind!r} is not supported; leanlm loads LORA, IA3, "
-                      "PROMPT_TUNING and PREFIX_TUNING adapters")
+    if kind not in FORMATS:
+        raise LeanLMError(f"{source}: peft_type {kind!r} is not supported; leanlm loads "
+                          f"{', '.join(FORMATS)} adapters")
+    return FORMATS[kind].from_peft(d, source)
 
 
 def apply_config(model: nn.Module, cfg) -> nn.Module:
-    if isinstance(cfg, LoraConfig):
-        return apply_lora(model, cfg)
-    if isinstance(cfg, IA3Config):
-        return apply_ia3(model, cfg)
-    if isinstance(cfg, PromptTuningConfig):
-        return apply_prompt_tuning(model, cfg)
-    return apply_prefix_tuning(model, cfg)
+    return format_of(cfg)[1].apply(model, cfg)
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -176,15 +237,4 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
 
 
 def _adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    if isinstance(model, (PromptTuned, PrefixTuned)):
-        return {"prompt_embeddings": model.prompt_embeddings}
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoraLinear):
-            out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
-            out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
-            if m.use_dora:
-                out[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
-        elif isinstance(m, IA3Linear):
-            out[f"{PREFIX}{name}.ia3_l"] = m.ia3_l
-    return out
+    return format_of(getattr(model, "peft_config", None))[1].tensors(model)

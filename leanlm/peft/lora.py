@@ -7,17 +7,20 @@ adapter moves between peft and leanlm unchanged (see leanlm/peft/io.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import HEAD, layout_of
+from leanlm.model.surgery import replace_module
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"  # peft's name for every linear of the blocks (the family's layout lists them)
 
 
 @dataclass
@@ -25,9 +28,10 @@ class LoraConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # A list matches module names by suffix ("q_proj" matches model.layers.0.self_attn.q_proj);
-    # a string is a regex that must match the full module name (peft's rules).
-    target_modules: list[str] | str = field(default_factory=lambda: list(ALL_LINEAR))
+    # A list matches module names by suffix (a leaf name such as the query projection's matches that
+    # module in every block); a string is a regex that must match the full module name (peft's rules).
+    # None or "all-linear": every linear of the blocks, from the family's layout (Layout.all_linear).
+    target_modules: list[str] | str | None = None
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed: magnitude vector times normalised direction
     freeze_a: bool = False  # LoRA-FA: A stays at its random init, only B trains
@@ -37,6 +41,16 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    use_dora: bool = True
+
+
+@dataclass
+class LoraFAConfig(LoraConfig):
+    freeze_a: bool = True
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -154,21 +168,34 @@ class LoraLinear(nn.Module):
             self.base_layer.weight.data.copy_(new)
 
 
+def resolve_targets(model: nn.Module, targets):
+    """None or "all-linear" -> the family's all-linear leaf names; anything else as given."""
+    if targets is None or targets == ALL_LINEAR:
+        return layout_of(model).all_linear()
+    return targets
+
+
+def with_targets(model: nn.Module, cfg, *fields: str):
+    """The config with its target fields resolved against the model (what gets saved with the adapter)."""
+    got = {f: resolve_targets(model, getattr(cfg, f)) for f in fields}
+    return dataclasses.replace(cfg, **got) if any(got[f] is not getattr(cfg, f) for f in fields) else cfg
+
+
+def skip_head(name: str, targets) -> bool:
+    """The output head is tied to the embedding in most small models: adapt it only when named."""
+    return name.endswith(HEAD) and isinstance(targets, list) and HEAD not in targets
+
+
 def target_names(model: nn.Module, targets, kinds=(nn.Linear,)) -> list[str]:
+    targets = resolve_targets(model, targets)
     names = []
     for name, mod in model.named_modules():
-        if name.endswith("lm_head") and isinstance(targets, list) and "lm_head" not in targets:
-            continue  # tied to the embedding in most small models; adapt it only when named
+        if skip_head(name, targets):
+            continue
         if matches(name, targets) and (isinstance(mod, kinds) or hasattr(mod, "dequantize")
                                             or hasattr(mod, "dequantized_weight")):
             names.append(name)
     return names
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -182,10 +209,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         raise LeanLMError(f"LoRA rank must be at least 1, got {cfg.r}")
     if cfg.init == "loftq":
         raise LeanLMError("LoftQ initialisation quantizes the base weights: use QLoRA (method qlora) with init=loftq")
+    cfg = with_targets(model, cfg, "target_modules")
     names = target_names(model, cfg.target_modules)
     if not names:
         raise LeanLMError(f"no module matches target_modules={cfg.target_modules!r}; "
-                          f"use names like {', '.join(ALL_LINEAR[:3])} or a full-name regex")
+                          f"use names like {', '.join(layout_of(model).all_linear()[:3])} or a full-name regex")
     freeze_base(model)
     for name in names:
         base = model.get_submodule(name)

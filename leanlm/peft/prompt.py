@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import embedding
 from leanlm.peft.lora import freeze_base
 
 
@@ -51,11 +52,14 @@ class VirtualTokenModel(nn.Module):
     def num_parameters(self) -> int:
         return self.base_model.num_parameters()
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base_model.logits(hidden)
+
 
 class PromptTuned(VirtualTokenModel):
     def __init__(self, model: nn.Module, cfg: PromptTuningConfig):
         super().__init__(model, cfg)
-        emb = model.model.embed_tokens.weight
+        emb = embedding(model).weight
         if cfg.init_ids:
             ids = torch.tensor([cfg.init_ids[i % len(cfg.init_ids)] for i in range(self.n)])
             init = emb.detach()[ids].clone().float()
@@ -65,7 +69,7 @@ class PromptTuned(VirtualTokenModel):
 
     def forward(self, input_ids=None, cache=None, positions=None, inputs_embeds=None,
                 last_only=False, return_hidden=False):
-        x = self.base_model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.base_model.embed(input_ids) if inputs_embeds is None else inputs_embeds
         first = cache is None or cache.length == 0
         if first:
             p = self.prompt_embeddings.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
@@ -108,18 +112,24 @@ class PrefixCache:
         if self.inner is None:
             if positions is None:
                 positions = torch.arange(T).unsqueeze(0)
-            start, mask = 0, "causal"
+            mask = "causal"
         else:
-            start = self.inner.length
             positions, mask = self.inner.begin(T, positions, window)
-        positions = positions + self.n
+        return positions + self.n, self._with_prefix(mask)
+
+    def window_mask(self, window):
+        # without an inner cache this is one causal forward of T tokens; the prefix is always in view
+        return self._with_prefix("causal" if self.inner is None else self.inner.window_mask(window))
+
+    def _with_prefix(self, mask):
         if mask is None:
-            return positions, None
+            return None
+        start = 0 if self.inner is None else self.inner.length
         if isinstance(mask, str):
-            q = torch.arange(start, start + T).unsqueeze(1)
-            mask = (torch.arange(start + T).unsqueeze(0) <= q)[None, None]
+            q = torch.arange(start, start + self.T).unsqueeze(1)
+            mask = (torch.arange(start + self.T).unsqueeze(0) <= q)[None, None]
         pre = torch.ones(*mask.shape[:-1], self.n, dtype=torch.bool)
-        return positions, torch.cat([pre, mask], -1)
+        return torch.cat([pre, mask], -1)
 
     def update(self, layer, k, v):
         if self.inner is not None:

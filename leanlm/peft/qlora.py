@@ -11,15 +11,30 @@ quantizes each target weight as the loader reads it, so the fp32 model is never 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from leanlm.compress.quant.nf4 import NF4Config, NF4Linear
 from leanlm.errors import LeanLMError
 from leanlm.io.checkpoint import trim_heap
-from leanlm.peft.lora import LoraConfig, LoraLinear, freeze_base, matches, replace_module, target_names
+from leanlm.model.layout import all_linear_any_family
+from leanlm.model.surgery import replace_module
+from leanlm.peft.lora import (ALL_LINEAR, LoraConfig, LoraLinear, freeze_base, matches, skip_head, target_names,
+                              with_targets)
 
 QLORA_NF4 = NF4Config(dtype="nf4", block_size=64, double_quant=True)
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    """LoRA over NF4 base weights; saved as a plain LoRA adapter."""
+
+    @staticmethod
+    def quantize_on_load(targets):
+        """The loader hook that makes the targets NF4 as they are read (the float model is never whole)."""
+        return nf4_on_load(targets)
 
 
 def nf4_quantize(weight: torch.Tensor, bias: torch.Tensor | None = None) -> NF4Linear:
@@ -28,9 +43,13 @@ def nf4_quantize(weight: torch.Tensor, bias: torch.Tensor | None = None) -> NF4L
 
 
 def nf4_on_load(targets, cfg: NF4Config = QLORA_NF4):
-    """A `leanlm.load(quantize=...)` hook: the target linears become NF4Linear as their weights are read."""
+    """A `leanlm.load(quantize=...)` hook: the target linears become NF4Linear as their weights are read.
+    targets None / "all-linear": the all-linear names (the model's family is not known yet: every family's)."""
+    if targets is None or targets == ALL_LINEAR:
+        targets = all_linear_any_family()
+
     def quantize(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        if name.endswith("lm_head") and isinstance(targets, list) and "lm_head" not in targets:
+        if skip_head(name, targets):
             return None  # same rule as target_names: the head is adapted only when named
         if not matches(name, targets):
             return None
@@ -71,6 +90,7 @@ def apply_qlora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Quantize the target linears to NF4 (double-quantized scales), freeze them, add LoRA on top.
 
     Targets already NF4 (loaded with `leanlm.load(quantize=nf4_on_load(...))`) are used as they are."""
+    cfg = with_targets(model, cfg, "target_modules")
     names = target_names(model, cfg.target_modules)
     if not names:
         raise LeanLMError(f"no module matches target_modules={cfg.target_modules!r}")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import blocks
 from leanlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlm.train.optim import MeZO, lr_at, make_optimizer
 
@@ -112,29 +113,36 @@ def _optimizer_mode(opt, mode: str) -> None:
         fn()
 
 
-def lm_head(model):
-    base = getattr(model, "base_model", model)
-    return base.lm_head
+def _head_loss_sum(head, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), tgt, reduction="sum")
 
 
-def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over labelled positions; the vocab projection runs only there."""
+def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over labelled positions; the vocab projection runs only there, and in
+    chunks of `chunk` positions when there are more: each chunk's logits are recomputed in backward
+    (checkpointed), so at most [chunk, vocab] of them exist at a time (49k vocab x 16k positions would be
+    3 GB in fp32)."""
     hidden = model(ids, return_hidden=True)
     tgt = labels[:, 1:]
     keep = tgt != IGNORE
     n = int(keep.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    h = hidden[:, :-1][keep]
-    logits = lm_head(model)(h).float()
-    return F.cross_entropy(logits, tgt[keep]), n
+    h, t = hidden[:, :-1][keep], tgt[keep]
+    if n <= chunk:
+        return F.cross_entropy(model.logits(h).float(), t), n
+    from torch.utils.checkpoint import checkpoint
+
+    total = sum(checkpoint(_head_loss_sum, model.logits, h[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+                for i in range(0, n, chunk))
+    return total / n, n
 
 
 def enable_grad_checkpointing(model) -> None:
     """Recompute each block's activations in backward instead of storing them."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.model.layers:
+    for block in blocks(model):
         if getattr(block, "_leanlm_ckpt", False):
             continue
         fwd = block.forward

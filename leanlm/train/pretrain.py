@@ -87,9 +87,9 @@ def new_model(cfg: ModelConfig, init: str = "normal", seed: int = 0) -> Transfor
 
 # ---------------------------------------------------------------- corpus
 def read_documents(source: str) -> list[str]:
-    """A .txt file (one document), a .jsonl file (the "text" field), a folder of either, or
-    packaged:NAME (the packaged texts)."""
-    from leanlm.data.text import packaged_text
+    """A .txt file (one document), a .jsonl file (one per record: text, messages or prompt+completion), a
+    folder of either, or packaged:NAME (the packaged texts)."""
+    from leanlm.data.text import packaged_text, read_texts
 
     if source.startswith("packaged:"):
         return [packaged_text(source.split(":", 1)[1])]
@@ -99,26 +99,7 @@ def read_documents(source: str) -> list[str]:
     files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
     if not files:
         raise LeanLMError(f"{source}: no .txt or .jsonl files")
-    docs = []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise LeanLMError(f"{f}: not UTF-8 ({e.reason} at byte {e.start})")
-        if f.suffix == ".txt":
-            docs.append(text)
-            continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LeanLMError(f"{f}:{n}: malformed JSON ({e.msg})")
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise LeanLMError(f"{f}:{n}: a pre-training record needs a string field 'text'")
-            docs.append(rec["text"])
-    return [d for d in docs if d.strip()]
+    return [d for f in files for d in read_texts(f) if d.strip()]
 
 
 def pack(docs: list[str], tokenizer, seq_len: int, val_fraction: float = 0.05) -> tuple[list[dict], list[dict]]:
@@ -243,4 +224,97 @@ def step_flops(model, tokens: int) -> float:
 
 
 __all__ = ["BUILTIN", "builtin_config", "new_model", "init_weights", "read_documents", "pack", "grow_depth",
-           "grow_width", "to_mqa", "kv_bytes_per_token", "step_flops"]
+           "grow_width", "to_mqa", "kv_bytes_per_token", "step_flops", "upcycle_moe", "load_balancing_loss",
+           "moe_loss"]
+
+
+# ---------------------------------------------------------------- sparse upcycling
+@torch.no_grad()
+def upcycle_moe(model: Transformer, num_experts: int = 8, top_k: int = 2, router_std: float = 0.02,
+                seed: int = 0) -> Transformer:
+    """Sparse upcycling (Komatsuzaki et al., 2023): every dense MLP becomes `num_experts` copies of itself
+    behind a top-k router (a Mixtral-family model). With identical experts and top-k weights renormalized
+    to 1, the upcycled model computes exactly the dense model's function whatever the router says; the
+    router starts small and random, and training (with `load_balancing_loss`) makes the experts diverge."""
+    from leanlm.model.layout import block_index, block_prefix
+
+    cfg = model.config
+    if cfg.num_experts:
+        raise LeanLMError("upcycle_moe: the model is already a mixture of experts")
+    if not cfg.uniform or cfg.model_type not in ("llama", "mistral"):
+        raise LeanLMError("upcycle_moe: supports dense Llama/Mistral-shaped models with uniform layers")
+    if not 0 < top_k <= num_experts:
+        raise LeanLMError(f"upcycle_moe: top_k {top_k} must be in 1..{num_experts}")
+    new_cfg = dataclasses.replace(cfg, model_type="mixtral", num_experts=num_experts, num_experts_per_tok=top_k,
+                                  moe_intermediate_size=cfg.intermediate_size, norm_topk_prob=True, moe_layers=None)
+    with torch.device("meta"):
+        moe = Transformer(new_cfg)
+    lay = layout_of(moe)
+    src = model.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in moe.state_dict().items():
+        if name in src:
+            sd[name] = src[name].clone()
+            continue
+        i = block_index(name)
+        rel = name[len(block_prefix(i)):]
+        dense_mlp = lay.mlp_prefixes(cfg, i)[0]
+        expert = next((e for e in lay.mlp_prefixes(new_cfg, i) if rel.startswith(e)), None)
+        if expert is not None:  # each expert starts as the dense MLP
+            sd[name] = src[block_prefix(i) + dense_mlp + rel[len(expert):]].clone()
+        elif rel.rpartition(".")[0] in lay.groups(new_cfg, i)["router"]:
+            sd[name] = torch.randn(p.shape, generator=g) * router_std
+        else:
+            raise LeanLMError(f"upcycle_moe: no source for {name}")
+    moe.load_state_dict(sd, strict=False, assign=True)
+    moe.tie_weights()
+    return moe.eval()
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss: E * sum_e f_e * P_e, averaged over layers, where f_e is the share of
+    routing slots (token x top-k) that went to expert e and P_e the mean router probability of e. Equals 1
+    when routing is uniform, grows as experts are favoured."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
+        E = probs.shape[-1]
+        top = probs.topk(top_k, dim=-1).indices
+        f = torch.zeros(E, device=probs.device).scatter_add_(0, top.flatten(), torch.ones(top.numel()))
+        f = f / top.numel()
+        losses.append(E * (f * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+class RouterCapture:
+    """Collect every MoE router's logits during a forward (for the load-balancing loss)."""
+
+    def __init__(self, model):
+        from leanlm.model.moe import moe_blocks
+
+        self.logits: list[torch.Tensor] = []
+        self.hooks = [m.gate.register_forward_hook(lambda mod, i, o: self.logits.append(o)) for m in moe_blocks(model)]
+        if not self.hooks:
+            raise LeanLMError("RouterCapture: the model has no mixture-of-experts blocks")
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def moe_loss(aux_coef: float = 0.01, top_k: int = 2):
+    """A training loss_fn: next-token loss plus aux_coef x the load-balancing loss."""
+    import torch.nn.functional as F
+
+    def fn(model, ids, labels):
+        cap = RouterCapture(model)
+        try:
+            logits = model(ids)
+        finally:
+            cap.close()
+        tgt = labels[:, 1:]
+        keep = tgt != -100
+        ce = F.cross_entropy(logits[:, :-1][keep].float(), tgt[keep])
+        return ce + aux_coef * load_balancing_loss(cap.logits, top_k), int(keep.sum())
+    return fn

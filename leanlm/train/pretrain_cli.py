@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--init", default="normal", choices=list(INITS))
+    p.add_argument("--convert", default=None, metavar="moe:EXPERTSxK|mqa:KV|grow:depth|grow:width",
+                   help="convert the starting model before training: sparse upcycling into a MoE (e.g. moe:8x2), "
+                        "GQA -> fewer KV heads by mean-pooling (mqa:1), or function-preserving growth")
+    p.add_argument("--aux-coef", type=float, default=0.01, help="MoE load-balancing loss weight")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (one process) / bf16 FSDP2 params (torchrun)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--eval-every", type=int, default=50)
@@ -83,9 +87,30 @@ def _model(args, tok):
                               f"{tok.vocab_size}")
         model = new_model(cfg, args.init, args.seed)
         source = f"random init ({args.init})"
+    if args.convert:
+        model = convert(model, args.convert)
+        source += f", converted {args.convert}"
     for q in model.parameters():
         q.requires_grad_(True)
     return model, source
+
+
+def convert(model, spec: str):
+    """--convert: moe:EXPERTSxK, mqa:KV_HEADS, grow:depth or grow:width."""
+    from leanlm.train.pretrain import grow_depth, grow_width, to_mqa, upcycle_moe
+
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "moe":
+            e, k = (int(x) for x in arg.lower().split("x"))
+            return upcycle_moe(model, e, k)
+        if kind == "mqa":
+            return to_mqa(model, int(arg or 1))
+    except ValueError:
+        raise LeanLMError(f"--convert {spec!r}: expected moe:EXPERTSxK (e.g. moe:8x2) or mqa:KV_HEADS (e.g. mqa:1)")
+    if kind == "grow" and arg in ("depth", "width"):
+        return grow_depth(model, 2) if arg == "depth" else grow_width(model)
+    raise LeanLMError(f"--convert {spec!r}: expected moe:EXPERTSxK, mqa:KV_HEADS, grow:depth or grow:width")
 
 
 def full_sequence_loss(model, ids, labels):
@@ -159,7 +184,12 @@ def run(args) -> int:
                       save_every=args.save_every if world == 1 else 0, out_dir=str(out), seed=args.seed,
                       progress=not args.no_progress and not args.json, pad_id=0)
     t0 = time.perf_counter()
-    res = train(model, train_rows, cfg, eval_data=val_rows, resume=args.resume, loss_fn=full_sequence_loss)
+    loss_fn = full_sequence_loss
+    if model.config.num_experts:
+        from leanlm.train.pretrain import moe_loss
+
+        loss_fn = moe_loss(args.aux_coef, model.config.num_experts_per_tok)
+    res = train(model, train_rows, cfg, eval_data=val_rows, resume=args.resume, loss_fn=loss_fn)
     wall = time.perf_counter() - t0
     val = evaluate_loss(model, val_rows, args.batch_size) if world == 1 else distributed.mean_over_ranks(
         evaluate_loss(model, val_rows[rank::world] or val_rows, max(1, args.batch_size // world)))

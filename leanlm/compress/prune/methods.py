@@ -8,6 +8,7 @@ quantization returns the packed QuantLinear that replaces the layer). Magnitude 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,9 @@ from leanlm.errors import LeanLMError
 
 @dataclass
 class PruneConfig:
-    """Shared by magnitude / wanda / sparsegpt recipe steps."""
+    """Shared by magnitude / wanda / sparsegpt recipe steps (each has its subclass below, naming the method)."""
+    kind: ClassVar[str] = "wanda"
+    needs_data: ClassVar[bool] = True
     sparsity: float = 0.5  # fraction of weights removed (ignored by N:M patterns, which fix it at N/M)
     pattern: str = "unstructured"  # or "N:M" meaning keep N of every M, e.g. "2:4"
     owl: bool = False  # outlier-weighted layerwise sparsity (unstructured only)
@@ -38,6 +41,22 @@ class PruneConfig:
             raise LeanLMError("owl: outlier-weighted sparsity applies to unstructured pruning only; set pattern: unstructured")
         if self.quant_bits is not None and not 2 <= int(self.quant_bits) <= 8:
             raise LeanLMError(f"quant_bits {self.quant_bits}: expected 2..8 or null")
+
+
+@dataclass
+class MagnitudeConfig(PruneConfig):
+    kind: ClassVar[str] = "magnitude"
+    needs_data: ClassVar[bool] = False
+
+
+@dataclass
+class WandaConfig(PruneConfig):
+    kind: ClassVar[str] = "wanda"
+
+
+@dataclass
+class SparseGPTConfig(PruneConfig):
+    kind: ClassVar[str] = "sparsegpt"
 
 
 def effective_sparsity(cfg: PruneConfig) -> float:

@@ -7,7 +7,7 @@ dense tensor bit for bit, zeros included, so masks stay applied after save and l
 Checkpoint layout: weight `W` of shape [R, C] becomes `W.sparse_bitmask` (uint8 [ceil(R*C/8)],
 little-endian bit order, row-major) and `W.sparse_values` (the nonzeros in row-major order, W's
 dtype); the compression metadata lists the packed names with their shapes:
-    meta["sparse"] = {"model.layers.0.mlp.up_proj.weight": [R, C], ...}
+    meta["sparse"] = {"<module>.weight": [R, C], ...}
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.io.modules import register_state_codec
+from leanlm.model.layout import EMBED
 
 MASK_SUFFIX, VALUES_SUFFIX = ".sparse_bitmask", ".sparse_values"
 
@@ -51,7 +53,7 @@ def pack_state(sd: dict[str, torch.Tensor], min_saving: float = 0.1) -> tuple[di
     """Replace every 2-D float weight that packs at least `min_saving` smaller; return (tensors, meta)."""
     out, meta = {}, {}
     for k, v in sd.items():
-        if (k.endswith(".weight") and v.dim() == 2 and v.is_floating_point() and "embed_tokens" not in k
+        if (k.endswith(".weight") and v.dim() == 2 and v.is_floating_point() and not k.startswith(EMBED + ".")
                 and packed_nbytes(v) <= (1 - min_saving) * v.numel() * v.element_size()):
             out[k + MASK_SUFFIX], out[k + VALUES_SUFFIX] = pack_sparse(v)
             meta[k] = list(v.shape)
@@ -74,3 +76,6 @@ def unpack_state(sd: dict[str, torch.Tensor], meta: dict | None, source: str = "
                               "are missing; the checkpoint is incomplete — save it again")
         sd[k] = unpack_sparse(bits, vals, shape)
     return sd
+
+
+register_state_codec("sparse", pack_state, unpack_state)

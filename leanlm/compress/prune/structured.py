@@ -2,9 +2,12 @@
 
 Units and what removing one deletes:
   * a KV group of layer i: its k/v rows, the rows of the query heads sharing it, and the matching
-    o_proj columns (GQA: query heads cannot outlive their KV head, so the group is the unit);
-  * an MLP channel j: row j of gate_proj and up_proj and column j of down_proj;
+    columns of the attention output (GQA: query heads cannot outlive their KV head, so the group is
+    the unit);
+  * an MLP channel j: row j of the gate and up projections and column j of the down projection
+    (one MLP, named by its prefix in the block: the dense MLP today, each expert of a MoE block later);
   * a block: the whole residual branch (attention + MLP) of one layer.
+Module names come from the family's layout (leanlm/model/layout.py).
 The result is a dense Transformer with per-layer shapes in its config (layer_num_heads,
 layer_num_kv_heads, layer_intermediate_size, num_layers); when every layer ends with the same
 shape the uniform fields are set instead, so the model still exports as a plain HF folder.
@@ -23,6 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
+from leanlm.model.layout import Layout, base_model, blocks, layout_of, set_blocks
+from leanlm.model.surgery import replace_module
+from leanlm.model.moe import SparseMoE
 
 IMPORTANCE = ("activation", "taylor", "magnitude")
 
@@ -46,12 +52,6 @@ class StructuredConfig:
             raise LeanLMError(f"head_ratio {self.head_ratio}: expected a fraction in [0, 1)")
 
 
-@dataclass
-class LayerDropConfig:
-    num_blocks: int = 4  # blocks removed, the most redundant (highest input/output cosine) first
-    skip_last: int = 1  # never drop the last blocks (they shape the output distribution)
-
-
 # ---------------------------------------------------------------- importance
 def _group_cols(attn, g: int) -> slice:
     per = attn.nh // attn.nkv * attn.hd
@@ -62,18 +62,27 @@ def _kv_rows(attn, g: int) -> slice:
     return slice(g * attn.hd, (g + 1) * attn.hd)
 
 
-def attention_group_importance(attn, o_input_sq: torch.Tensor | None, kind: str,
+def dense_mlp(lay: Layout, cfg, layer: int) -> str:
+    """The prefix of block `layer`'s one MLP (relative to the block); a MoE block is refused."""
+    prefixes = lay.mlp_prefixes(cfg, layer)
+    if len(prefixes) != 1:
+        raise LeanLMError(f"structured pruning works on dense MLPs; block {layer} is a mixture of experts")
+    return prefixes[0]
+
+
+def attention_group_importance(blk, lay: Layout, o_input_sq: torch.Tensor | None, kind: str,
                                grads: dict | None = None) -> torch.Tensor:
-    """One score per KV group of this attention module."""
+    """One score per KV group of this block's attention."""
+    attn = blk.get_submodule(lay.attn)
+    q, k, v, o = (blk.get_submodule(getattr(lay, r)).weight for r in ("q", "k", "v", "o"))
     scores = []
     for g in range(attn.nkv):
         qs, kvs = _group_cols(attn, g), _kv_rows(attn, g)
         if kind == "taylor":
             s = sum(float((p.detach()[idx] * grads[p][idx]).abs().sum()) for p, idx in (
-                (attn.q_proj.weight, qs), (attn.k_proj.weight, kvs), (attn.v_proj.weight, kvs),
-                (attn.o_proj.weight, (slice(None), qs))))
+                (q, qs), (k, kvs), (v, kvs), (o, (slice(None), qs))))
         else:
-            w = attn.o_proj.weight.detach()[:, qs].float()
+            w = o.detach()[:, qs].float()
             col = w.pow(2).sum(0)  # ||W_o[:, c]||^2
             if kind == "activation":
                 col = col * o_input_sq[qs].float()  # times ||X_c||^2: the column's output energy
@@ -82,14 +91,17 @@ def attention_group_importance(attn, o_input_sq: torch.Tensor | None, kind: str,
     return torch.tensor(scores, dtype=torch.float64)
 
 
-def mlp_channel_importance(mlp, down_input_sq: torch.Tensor | None, kind: str,
+def mlp_channel_importance(blk, lay: Layout, prefix: str, down_input_sq: torch.Tensor | None, kind: str,
                            grads: dict | None = None) -> torch.Tensor:
-    """One score per intermediate channel: output energy of down_proj's column (or its Taylor term)."""
-    wd = mlp.down_proj.weight.detach().float()
+    """One score per intermediate channel of the MLP at `prefix`: output energy of the down projection's
+    column (or its Taylor term)."""
+    down = blk.get_submodule(prefix + lay.down).weight
+    wd = down.detach().float()
     if kind == "taylor":
-        s = (wd * grads[mlp.down_proj.weight].float()).abs().sum(0)
-        for lin in (mlp.gate_proj, mlp.up_proj):
-            s = s + (lin.weight.detach().float() * grads[lin.weight].float()).abs().sum(1)
+        s = (wd * grads[down].float()).abs().sum(0)
+        for role in (lay.gate, lay.up):
+            w = blk.get_submodule(prefix + role).weight
+            s = s + (w.detach().float() * grads[w].float()).abs().sum(1)
         return s.double()
     col = wd.pow(2).sum(0)
     if kind == "activation":
@@ -97,9 +109,17 @@ def mlp_channel_importance(mlp, down_input_sq: torch.Tensor | None, kind: str,
     return col.double()
 
 
+def importance(model, kind: str, grads: dict | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Weight-only scores (magnitude or taylor) of every block: (KV-group scores, MLP-channel scores)."""
+    lay, cfg = layout_of(model), base_model(model).config
+    sa = [attention_group_importance(b, lay, None, kind, grads) for b in blocks(model)]
+    sm = [mlp_channel_importance(b, lay, dense_mlp(lay, cfg, i), None, kind, grads) for i, b in enumerate(blocks(model))]
+    return sa, sm
+
+
 def taylor_gradients(model, samples: torch.Tensor, batch: int = 2) -> dict:
     """Gradients of the next-token loss over `samples` [n, T], for first-order (Taylor) importance."""
-    params = [p for blk in model.model.layers for p in blk.parameters()]
+    params = [p for blk in blocks(model) for p in blk.parameters()]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
@@ -178,15 +198,17 @@ def keep_sets(scores_attn: list[torch.Tensor], scores_mlp: list[torch.Tensor], g
 # ---------------------------------------------------------------- masking and shrinking
 def mask_units(model, keep_groups: list[list[int]], keep_channels: list[torch.Tensor]) -> None:
     """Zero the removed units' output columns in place (same function as the shrunk model)."""
+    lay, cfg = layout_of(model), base_model(model).config
     with torch.no_grad():
-        for blk, kg, kc in zip(model.model.layers, keep_groups, keep_channels):
-            attn, mlp = blk.self_attn, blk.mlp
+        for i, (blk, kg, kc) in enumerate(zip(blocks(model), keep_groups, keep_channels)):
+            attn, o = blk.get_submodule(lay.attn), blk.get_submodule(lay.o)
             for g in range(attn.nkv):
                 if g not in kg:
-                    attn.o_proj.weight[:, _group_cols(attn, g)] = 0
-            drop = torch.ones(mlp.down_proj.in_features, dtype=torch.bool)
+                    o.weight[:, _group_cols(attn, g)] = 0
+            down = blk.get_submodule(dense_mlp(lay, cfg, i) + lay.down)
+            drop = torch.ones(down.in_features, dtype=torch.bool)
             drop[kc] = False
-            mlp.down_proj.weight[:, drop] = 0
+            down.weight[:, drop] = 0
 
 
 def _slice_linear(lin: nn.Linear, rows=None, cols=None) -> nn.Linear:
@@ -215,40 +237,53 @@ def _uniformize(cfg):
     return dataclasses.replace(cfg, layer_num_heads=nh, layer_num_kv_heads=nkv, layer_intermediate_size=inter)
 
 
-def shrink_block(blk, kg: list[int], kc: torch.Tensor) -> None:
-    """Keep KV groups `kg` and MLP channels `kc` of one block: smaller Linear modules, in place."""
-    attn, mlp = blk.self_attn, blk.mlp
+def _slice(blk, name: str, rows=None, cols=None) -> None:
+    replace_module(blk, name, _slice_linear(blk.get_submodule(name), rows=rows, cols=cols))
+
+
+def shrink_mlp(blk, lay: Layout, prefix: str, kc: torch.Tensor) -> None:
+    """Keep channels `kc` of the MLP at `prefix` (relative to the block): smaller Linear modules, in place."""
+    if len(kc) < blk.get_submodule(prefix + lay.down).in_features:
+        _slice(blk, prefix + lay.gate, rows=kc)
+        _slice(blk, prefix + lay.up, rows=kc)
+        _slice(blk, prefix + lay.down, cols=kc)
+
+
+def shrink_block(blk, lay: Layout, kg: list[int], kc: torch.Tensor, mlp: str) -> None:
+    """Keep KV groups `kg` and channels `kc` of the MLP at prefix `mlp` (`dense_mlp`) of one block."""
+    attn = blk.get_submodule(lay.attn)
     if len(kg) == 0 or len(kc) == 0:
         raise LeanLMError("structured: a layer would lose every head or channel; drop the block instead")
     if len(kg) < attn.nkv:
         qrows = torch.cat([torch.arange(attn.nh * attn.hd)[_group_cols(attn, g)] for g in kg])
         kvrows = torch.cat([torch.arange(attn.nkv * attn.hd)[_kv_rows(attn, g)] for g in kg])
         per = attn.nh // attn.nkv
-        attn.q_proj = _slice_linear(attn.q_proj, rows=qrows)
-        attn.k_proj = _slice_linear(attn.k_proj, rows=kvrows)
-        attn.v_proj = _slice_linear(attn.v_proj, rows=kvrows)
-        attn.o_proj = _slice_linear(attn.o_proj, cols=qrows)
+        _slice(blk, lay.q, rows=qrows)
+        _slice(blk, lay.k, rows=kvrows)
+        _slice(blk, lay.v, rows=kvrows)
+        _slice(blk, lay.o, cols=qrows)
         attn.nkv, attn.nh = len(kg), len(kg) * per
-    if len(kc) < mlp.down_proj.in_features:
-        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=kc)
-        mlp.up_proj = _slice_linear(mlp.up_proj, rows=kc)
-        mlp.down_proj = _slice_linear(mlp.down_proj, cols=kc)
+    shrink_mlp(blk, lay, mlp, kc)
 
 
 def sync_config(model):
     """Rewrite model.config's per-layer shapes from the modules (after shrink_block / drop)."""
-    blocks = model.model.layers
+    lay, bl = layout_of(model), blocks(model)
+    attn = [b.get_submodule(lay.attn) for b in bl]
+    cfg = model.config  # a MoE block keeps the config's width (its experts are not pruned structurally)
+    inter = [cfg.intermediate_size if cfg.is_moe_layer(i) else b.get_submodule(dense_mlp(lay, cfg, i) + lay.down).in_features
+             for i, b in enumerate(bl)]
     model.config = _uniformize(dataclasses.replace(
-        model.config, num_layers=len(blocks), layer_num_heads=[b.self_attn.nh for b in blocks],
-        layer_num_kv_heads=[b.self_attn.nkv for b in blocks],
-        layer_intermediate_size=[b.mlp.down_proj.in_features for b in blocks]))
+        model.config, num_layers=len(bl), layer_num_heads=[a.nh for a in attn],
+        layer_num_kv_heads=[a.nkv for a in attn], layer_intermediate_size=inter))
     return model
 
 
 def shrink(model, keep_groups: list[list[int]], keep_channels: list[torch.Tensor]):
     """Remove every unit not kept, in place: smaller Linear modules and a per-layer config."""
-    for blk, kg, kc in zip(model.model.layers, keep_groups, keep_channels):
-        shrink_block(blk, kg, kc)
+    lay, cfg = layout_of(model), base_model(model).config
+    for i, (blk, kg, kc) in enumerate(zip(blocks(model), keep_groups, keep_channels)):
+        shrink_block(blk, lay, kg, kc, dense_mlp(lay, cfg, i))
     return sync_config(model)
 
 
@@ -259,7 +294,13 @@ def drop_blocks(model, drop: list[int]):
     if any(not 0 <= i < cfg.num_layers for i in drop) or len(drop) >= cfg.num_layers:
         raise LeanLMError(f"layer drop {drop}: the model has blocks 0..{cfg.num_layers - 1} and must keep one")
     kept = [i for i in range(cfg.num_layers) if i not in drop]
-    model.model.layers = nn.ModuleList(model.model.layers[i] for i in kept)
-    for new_i, blk in enumerate(model.model.layers):
-        blk.self_attn.layer = new_i
+    set_blocks(model, nn.ModuleList(blocks(model)[i] for i in kept))
+    lay = layout_of(model)
+    for new_i, blk in enumerate(blocks(model)):
+        blk.get_submodule(lay.attn).layer = new_i
+        for moe_block in (m for m in blk.modules() if isinstance(m, SparseMoE)):
+            moe_block.layer = new_i
+    if cfg.num_experts:  # which of the kept blocks are mixtures of experts, renumbered
+        moe = [new_i for new_i, old in enumerate(kept) if cfg.is_moe_layer(old)]
+        model.config = dataclasses.replace(cfg, moe_layers=None if len(moe) == len(kept) else moe)
     return sync_config(model)

@@ -6,10 +6,11 @@ import torch.nn as nn
 from leanlm.compress.calibrate import Method
 from leanlm.compress.quant.embedding import QuantEmbedding
 from leanlm.compress.quant.awq import AWQConfig, awq_block
-from leanlm.compress.quant.gptq import (GPTQConfig, RTNConfig, gptq_accumulate, gptq_init, gptq_solve,
-                                        rtn_solve)
-from leanlm.compress.quant.int8 import (LLMInt8Config, SmoothQuantConfig, W8A8Linear, llmint8_accumulate,
-                                        llmint8_init, llmint8_solve, smoothquant_block)
+from leanlm.compress.quant.gptq import GPTQConfig, gptq_accumulate, gptq_init, gptq_solve
+from leanlm.compress.quant.int8 import W8A8Linear
+from leanlm.compress.quant.llmint8 import LLMInt8Config, llmint8_accumulate, llmint8_init, llmint8_solve
+from leanlm.compress.quant.rtn import RTNConfig, rtn_solve
+from leanlm.compress.quant.smoothquant import SmoothQuantConfig, smoothquant_block
 from leanlm.compress.quant.nf4 import NF4Config, NF4Linear, nf4_solve
 from leanlm.compress.quant.qlinear import QuantLinear
 
@@ -23,9 +24,5 @@ METHODS: dict[str, tuple[type, Method]] = {
                                       replaces=True)),
 }
 
-# class name -> class, for checkpoints (leanlm.compress.serialize)
-MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear, "NF4Linear": NF4Linear, "W8A8Linear": W8A8Linear,
-                                 "QuantEmbedding": QuantEmbedding}
-
-__all__ = ["METHODS", "MODULE_TYPES", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
+__all__ = ["QuantEmbedding", "METHODS", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
            "AWQConfig", "NF4Config", "SmoothQuantConfig", "LLMInt8Config"]

@@ -1,10 +1,11 @@
 """AWQ (Lin et al., 2024): activation-aware per-channel scaling, then a weight clipping search, then RTN.
 
-For each group of linears that read the same input (q/k/v after input_layernorm, gate/up after
-post_attention_layernorm, down_proj after up_proj), search s = mean|X|^r over a grid of r in
-[0, 1), normalised so sqrt(max*min) = 1, minimising the group's output error
-||X W^T - (X/s) Q(W s)^T||; the best s is folded into the preceding op (exact in full precision).
-o_proj keeps s = 1 (with grouped-query attention its inputs do not map onto v_proj's rows).
+For each group of linears that read the same input (the family's layout lists them: q/k/v after the
+attention norm, the MLP's gate/up after its norm, the down projection after the up projection),
+search s = mean|X|^r over a grid of r in [0, 1), normalised so sqrt(max*min) = 1, minimising the
+group's output error ||X W^T - (X/s) Q(W s)^T||; the best s is folded into the preceding op (exact
+in full precision). The attention output keeps s = 1 (with grouped-query attention its inputs do
+not map onto the value rows).
 Then each layer searches, per output row and group, the clipping ratio of the group's range that
 minimises that group's contribution to the output error, and is quantized by RTN on the clipped
 weights. Error is measured on the layer outputs (a subsample of `max_tokens` calibration tokens).
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from leanlm.compress.calibrate import BlockContext
-from leanlm.compress.quant.gptq import RTNConfig
 from leanlm.compress.quant.grid import dequantize, pruned_mask, rtn_quantize
-from leanlm.compress.quant.int8 import fold_scales, smoothing_groups
 from leanlm.compress.quant.qlinear import QuantLinear
+from leanlm.compress.quant.rtn import RTNConfig
+from leanlm.compress.quant.smoothquant import fold_scales, smoothing_groups
 
 
 @dataclass

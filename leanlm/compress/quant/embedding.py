@@ -2,7 +2,8 @@
 
 With tied embeddings the same int8 table is the output projection: `TiedInt8Head` runs it with
 `aten._weight_int8pack_mm` (bf16, per-row scales), the largest matmul of a small model's decode.
-Select it in a recipe with `{method: rtn, bits: 8, targets: ['embed_tokens']}`.
+Select it in a recipe with an `rtn` step of `bits: 8` whose targets match the embedding (the `-e8`
+suffix of a `w{bits}a16-...` recipe name adds that step).
 """
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leanlm.io.modules import register_module_type
+from leanlm.model.layout import EMBED, HEAD
+from leanlm.model.surgery import replace_module
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@register_module_type
 class QuantEmbedding(nn.Module):
     fast = True
 
@@ -46,7 +52,7 @@ class QuantEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized table (for code that reads embed_tokens.weight)."""
+        """The dequantized table (for code that reads the embedding's weight)."""
         return (self.qweight.float() * self.scales.float()[:, None]).to(DTYPES[self.dtype_name])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -55,12 +61,12 @@ class QuantEmbedding(nn.Module):
     def on_install(self, model: nn.Module, name: str):
         """Called when set into a model: a tied output head switches to this table."""
         cfg = getattr(model, "config", None)
-        if name == "model.embed_tokens" and getattr(cfg, "tie_word_embeddings", False):
-            model.lm_head = TiedInt8Head(self)
+        if name == EMBED and getattr(cfg, "tie_word_embeddings", False):
+            replace_module(model, HEAD, TiedInt8Head(self))
 
 
 class TiedInt8Head(nn.Module):
-    """lm_head reading the int8 embedding table; holds no tensors of its own (nothing extra is saved)."""
+    """The output head reading the int8 embedding table; holds no tensors of its own (nothing extra is saved)."""
 
     def __init__(self, emb: QuantEmbedding):
         super().__init__()

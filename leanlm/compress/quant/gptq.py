@@ -1,4 +1,4 @@
-"""RTN and GPTQ (Frantar et al., 2022) as pure functions over one Linear layer.
+"""GPTQ (Frantar et al., 2022) as pure functions over one Linear layer (RTN, its baseline: rtn.py).
 
 GPTQ quantizes columns one at a time and spreads each column's rounding error over the columns
 not yet quantized, weighted by the inverse Hessian H = 2 X^T X / n of the layer's inputs
@@ -23,22 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from leanlm.compress.quant.grid import grid_params, pruned_mask, quantize_codes, rtn_quantize
+from leanlm.compress.quant.grid import grid_params, pruned_mask, quantize_codes
 from leanlm.compress.quant.qlinear import QuantLinear
-
-
-@dataclass
-class RTNConfig:
-    bits: int = 4
-    group_size: int = 128  # <= 0: one group per output channel
-    sym: bool = True
-    keep_zeros: bool = True  # exact zeros (an earlier step's pruning mask) stay exactly zero
-
-    def validate(self):
-        if not 2 <= self.bits <= 8:
-            raise ValueError("bits must be between 2 and 8")
-        if self.group_size > 0 and self.group_size < 8:
-            raise ValueError("group_size must be >= 8 (or <= 0 for per-channel)")
+from leanlm.compress.quant.rtn import RTNConfig, rtn_solve
 
 
 @dataclass
@@ -53,16 +40,6 @@ class GPTQConfig(RTNConfig):
             raise ValueError("damp must be in [0, 1)")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
-
-
-def rtn_solve(state, layer: nn.Linear, cfg: RTNConfig) -> nn.Module:
-    if isinstance(layer, nn.Embedding):
-        from leanlm.compress.quant.embedding import QuantEmbedding
-
-        return QuantEmbedding.from_embedding(layer)  # bits == 8, checked when the recipe is resolved
-    w = layer.weight.detach()
-    codes, s, o = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, pruned_mask(w, cfg.keep_zeros))
-    return QuantLinear.from_codes(codes, s, o, cfg.bits, cfg.group_size, cfg.sym, bias=layer.bias)
 
 
 class HessianState:

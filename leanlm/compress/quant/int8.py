@@ -1,26 +1,16 @@
-"""Weights and activations in int8: SmoothQuant W8A8 (Xiao et al., 2023) and LLM.int8() (Dettmers et al., 2022).
+"""The int8 matmul and linear shared by SmoothQuant W8A8 (smoothquant.py) and LLM.int8() (llmint8.py).
 
 Both run `torch._int_mm` (int8 x int8 -> int32) with int8 weights per output channel and
 activations quantized per token at run time (dynamic absmax / 127); `_int_mm` needs more than 16
 rows, so shorter inputs (decode) are zero-padded to 17 rows.
-- SmoothQuant divides each input channel of the activations by s_j = max|X_j|^a / max|W_j|^(1-a)
-  and multiplies the weight's columns by s_j, folding 1/s into the preceding RMSNorm (q/k/v,
-  gate/up) or into up_proj's rows (down_proj). o_proj is not smoothed: with grouped-query
-  attention its input channels do not map one-to-one onto v_proj's rows.
-- LLM.int8(): input features whose calibration activations exceed `threshold` in magnitude are
-  kept in high precision (their weight columns in fp16, an fp matmul); the rest goes through int8.
-  The outlier set is found on calibration data (static), where bitsandbytes detects it per batch.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leanlm.compress.calibrate import BlockContext
-from leanlm.model.layout import base_model, block_prefix, layout_of
+from leanlm.io.modules import register_module_type
 
 
 def quantize_rows(x: torch.Tensor):
@@ -42,6 +32,7 @@ def int8_matmul(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, fast
     return acc * xs[:, None] * w_scale[None, :]
 
 
+@register_module_type
 class W8A8Linear(nn.Module):
     fast = True
 
@@ -98,92 +89,3 @@ class W8A8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-
-# ---------------------------------------------------------------- SmoothQuant
-@dataclass
-class SmoothQuantConfig:
-    alpha: float = 0.5  # migration strength: 0 = all difficulty on activations, 1 = all on weights
-
-    def validate(self):
-        if not 0 <= self.alpha <= 1:
-            raise ValueError("alpha must be in [0, 1]")
-
-
-def smoothing_groups(ctx: BlockContext) -> list[tuple[nn.Module, str, list[str]]]:
-    """(module whose output feeds the linears, how to fold: 'norm' or 'rows', full names of the linears),
-    from the layout: a MoE block's norm feeds the router and every expert, each expert's up_proj its
-    own down_proj. Groups holding an already-replaced (quantized) layer are left out: no weight to fold."""
-    pre, out = block_prefix(ctx.index), []
-    for prev, how, rel in layout_of(ctx.model).smoothing(base_model(ctx.model).config, ctx.index):
-        names = [pre + r for r in rel]
-        if all(type(ctx.layer(n)) is nn.Linear for n in names):
-            out.append((ctx.block.get_submodule(prev), how, names))
-    return out
-
-
-@torch.no_grad()
-def fold_scales(prev: nn.Module, how: str, linears: list[nn.Linear], s: torch.Tensor):
-    """x -> x / s before `linears` (folded into prev), W -> W * s: the block computes the same function."""
-    if how == "norm":
-        prev.weight.div_(s.to(prev.weight.dtype))
-    else:
-        prev.weight.div_(s[:, None].to(prev.weight.dtype))
-        if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
-    for lin in linears:
-        lin.weight.mul_(s[None, :].to(lin.weight.dtype))
-
-
-@torch.no_grad()
-def smoothquant_block(ctx: BlockContext, cfg: SmoothQuantConfig):
-    absmax: dict[str, torch.Tensor] = {}
-
-    def fn(name, x):
-        a = x.abs().amax(0).float()
-        absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
-    targets = set(ctx.modules)
-    groups = [g for g in smoothing_groups(ctx) if targets.intersection(g[2])]
-    ctx.collect(sorted(targets.union(*[g[2] for g in groups])), fn)
-    for prev, how, names in groups:
-        seen = [absmax[n] for n in names if n in absmax]  # a MoE expert no token was routed to saw nothing
-        if not seen:
-            continue
-        act = torch.stack(seen).amax(0)
-        lins = [ctx.layer(n) for n in names]
-        wmax = torch.stack([lin.weight.abs().amax(0).float() for lin in lins]).amax(0)
-        s = (act.clamp_min(1e-5).pow(cfg.alpha) / wmax.clamp_min(1e-5).pow(1 - cfg.alpha)).clamp_min(1e-5)
-        fold_scales(prev, how, lins, s)
-    for n in ctx.modules:
-        lin = ctx.layer(n)
-        ctx.replace(n, W8A8Linear.from_weight(lin.weight, lin.bias))
-
-
-# ---------------------------------------------------------------- LLM.int8()
-@dataclass
-class LLMInt8Config:
-    threshold: float = 6.0  # activation magnitude that makes an input feature an outlier
-    max_outlier_fraction: float = 0.05  # at most this fraction of a layer's input features stays in fp16
-
-    def validate(self):
-        if self.threshold <= 0:
-            raise ValueError("threshold must be > 0")
-        if not 0 <= self.max_outlier_fraction <= 1:
-            raise ValueError("max_outlier_fraction must be in [0, 1]")
-
-
-def llmint8_init(layer: nn.Linear, cfg) -> dict:
-    return {"absmax": torch.zeros(layer.in_features)}
-
-
-def llmint8_accumulate(state: dict, x: torch.Tensor):
-    state["absmax"] = torch.maximum(state["absmax"], x.abs().amax(0).float())
-
-
-def llmint8_solve(state: dict, layer: nn.Linear, cfg: LLMInt8Config) -> W8A8Linear:
-    a = state["absmax"]
-    idx = torch.nonzero(a > cfg.threshold).flatten()
-    cap = int(cfg.max_outlier_fraction * layer.in_features)
-    if idx.numel() > cap:
-        idx = torch.sort(torch.topk(a, cap).indices).values
-    return W8A8Linear.from_weight(layer.weight, layer.bias, idx if idx.numel() else None)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.compress.quant.grid import expand_groups, pack, packed_width, unpack
+from leanlm.io.modules import register_module_type
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -81,6 +82,7 @@ def double_dequantize(q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, 
     return (blocks.reshape(-1)[:n] + mean).reshape(shape)
 
 
+@register_module_type
 class NF4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, dtype: str = "nf4", block_size: int = 64,
                  double_quant: bool = True, bias: bool = False):

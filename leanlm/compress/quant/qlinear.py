@@ -19,11 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.compress.quant.grid import dequantize, pack, packed_width, unpack
+from leanlm.io.modules import register_module_type
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 PREFILL_ROWS = 128
 
 
+@register_module_type
 class QuantLinear(nn.Module):
     fast = True  # class-wide switch; tests flip it to compare the fast path with the reference
 
