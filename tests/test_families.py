@@ -191,7 +191,7 @@ def test_smoothing_folds_keep_the_function():
     """Every (norm or up-projection -> linears) group the layout names, folded with a random per-channel
     scale, leaves the logits unchanged: the right norm feeds each group and (1 + w) folds correctly."""
     from leanlm.compress.calibrate import BlockContext
-    from leanlm.compress.quant.int8 import fold_scales, smoothing_groups
+    from leanlm.compress.quant.smoothquant import fold_scales, smoothing_groups
     from leanlm.model.layout import blocks
 
     for case in ("gemma2", "gemma3", "phi3"):
