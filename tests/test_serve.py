@@ -248,7 +248,7 @@ def test_disconnect_non_streaming_frees_blocks(server):
 
 
 def test_shutdown_ends_inflight_streams():
-    """A separate engine: shutdown ends an in-flight stream with finish_reason 'abort' and [DONE]."""
+    """A separate engine: shutdown ends an in-flight stream with an error event and [DONE]."""
     from fastapi.testclient import TestClient  # noqa: F401  (starlette's, needs httpx)
 
     from leanlm.serve.app import build_app
@@ -266,7 +266,7 @@ def test_shutdown_ends_inflight_streams():
             aeng.shutdown()
             rest = [l for l in lines if l.startswith("data:")]
     assert rest[-1] == "data: [DONE]"
-    assert json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "abort"
+    assert "shutting down" in json.loads(rest[-2][5:])["error"]["message"]
     eng.cache.alloc.check_whole()
     assert not aeng.alive
 
@@ -291,3 +291,15 @@ def test_cli_arguments_build_a_server():
             assert r.json()["data"][0]["id"] == "folder"
     finally:
         aeng.shutdown()
+
+
+def test_huge_seed_does_not_break_the_server(server):
+    """A seed of 2^64 once killed the engine thread: every later request hung."""
+    h = {"Authorization": "Bearer sekrit"}
+    r = httpx.post(server["url"] + "/v1/completions", headers=h, timeout=10,
+                   json={"model": NAME, "prompt": "w5", "max_tokens": 2, "temperature": 1.0, "seed": 2 ** 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    r = httpx.post(server["url"] + "/v1/completions", headers=h, timeout=10,
+                   json={"model": NAME, "prompt": "w5", "max_tokens": 2, "temperature": 1.0, "seed": 2 ** 63 - 1})
+    assert r.status_code == 200, r.text
+    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}

@@ -40,13 +40,32 @@ class SamplingParams:
 
 
 @dataclass
+class VirtualTokens:
+    """An adapter's virtual tokens in front of every sequence: prompt tuning gives their input embeddings
+    (`embeds` [n, hidden]); prefix tuning gives their K/V per layer (`keys`/`values`: [n, kv_heads, head_dim])."""
+    n: int
+    embeds: torch.Tensor | None = None
+    keys: list[torch.Tensor] | None = None
+    values: list[torch.Tensor] | None = None
+
+
+@dataclass
 class StepOutput:
     request_id: str
     token: int | None  # None when the request ended without a new token (abort)
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # with finish_reason "error": what went wrong
+
+
+class StepError(Exception):
+    """A step raised; the sequences of its batch were finished with reason "error" (their blocks freed)."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids, self.cause = request_ids, cause
 
 
 @dataclass
@@ -65,10 +84,12 @@ class Sequence:
     finish_time: float | None = None
     num_cached_prompt: int = 0
     num_preemptions: int = 0
+    adapter: int = 0  # index of the LoRA adapter this sequence runs with (0: none / the model's own)
+    virtual: list[int] = field(default_factory=list)  # ids < 0 standing for an adapter's virtual tokens
 
     @property
     def tokens(self) -> list[int]:
-        return self.prompt + self.output
+        return self.virtual + self.prompt + self.output
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
@@ -87,12 +108,22 @@ class Engine:
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 256, max_num_seqs: int = 32, prefix_caching: bool = True,
-                 eos_ids: tuple[int, ...] = (), max_model_len: int | None = None):
+                 eos_ids: tuple[int, ...] = (), max_model_len: int | None = None, adapters=None):
         from leanlm.infer.generate import fuse_for_inference
+        from leanlm.model.layout import HEAD, base_model, embedding
 
         cfg = model.config
         fuse_for_inference(model)  # one matmul for q/k/v and for gate/up, as plain generation does
+        # Prompt/prefix tuning wrap the model: the engine runs the base model and places the adapter's
+        # virtual tokens itself (ids -1..-n at the start of every sequence, in its paged blocks).
+        vt = getattr(model, "virtual_tokens", None)
+        self.virtual: VirtualTokens | None = vt() if callable(vt) else None
+        model = base_model(model) if self.virtual is not None else model
         self.model, self.cfg = model, cfg
+        self.head, self.embed = model.get_submodule(HEAD), embedding(model)
+        # Many LoRA adapters in one batch: `adapters` maps an adapter index to a pool slot (acquire/release)
+        # and is told, before each forward, the adapter index of every input token (set_rows).
+        self.adapters = adapters
         self.block_size = block_size
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         if num_blocks is None:  # room for max_num_seqs full contexts, capped at ~1 GiB of K/V
@@ -101,7 +132,7 @@ class Engine:
             want = max_num_seqs * -(-self.max_model_len // block_size)
             num_blocks = max(4, min(want, (1 << 30) // (per_tok * block_size)))
         self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=model.dtype,
-                                  device=model.model.norm.weight.device)
+                                  device=self.head.weight.device)
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.prefix_caching = prefix_caching
         self.eos_ids = tuple(eos_ids)
@@ -113,19 +144,28 @@ class Engine:
                           preemptions=0, requests_finished=0, batch_tokens=0)
 
     # ---- requests -----------------------------------------------------------------------------
+    @property
+    def num_virtual(self) -> int:
+        return self.virtual.n if self.virtual is not None else 0
+
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, adapter: int = 0) -> str:
         params = params or SamplingParams()
+        nv = self.num_virtual
         if not prompt:
             raise LeanLMError("engine: empty prompt; pass at least one token id")
-        if len(prompt) >= self.max_model_len:
-            raise LeanLMError(f"engine: prompt has {len(prompt)} tokens, the context holds "
+        if len(prompt) + nv >= self.max_model_len:
+            raise LeanLMError(f"engine: prompt has {len(prompt)} tokens (+{nv} virtual), the context holds "
                               f"{self.max_model_len}; shorten the prompt")
         if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
             raise LeanLMError(f"engine: token id out of range [0, {self.cfg.vocab_size})")
         if params.max_tokens < 1:
             raise LeanLMError("engine: max_tokens must be at least 1")
-        total_blocks = -(-min(len(prompt) + params.max_tokens, self.max_model_len) // self.block_size)
+        if params.seed is not None and not 0 <= params.seed < 1 << 63:
+            raise LeanLMError(f"engine: seed must be in [0, 2^63), got {params.seed}")
+        if adapter and (self.adapters is None or not self.adapters.known(adapter)):
+            raise LeanLMError(f"engine: no LoRA adapter with index {adapter} is loaded")
+        total_blocks = -(-min(len(prompt) + nv + params.max_tokens, self.max_model_len) // self.block_size)
         if total_blocks > self.cache.num_blocks:
             raise LeanLMError(f"engine: request needs {total_blocks} KV blocks, the cache has "
                               f"{self.cache.num_blocks}; lower max_tokens or raise num_blocks")
@@ -136,7 +176,8 @@ class Engine:
         if params.temperature > 0:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-        seq = Sequence(rid, list(prompt), params, time.perf_counter(), generator=gen)
+        seq = Sequence(rid, list(prompt), params, time.perf_counter(), generator=gen, adapter=adapter,
+                       virtual=list(range(-1, -nv - 1, -1)))
         self.seqs[rid] = seq
         self.waiting.append(seq)
         return rid
@@ -148,12 +189,24 @@ class Engine:
         self._finish(seq, "abort")
         return True
 
+    def reset(self) -> None:
+        """Drop every request and rebuild the block bookkeeping (after a failure left it unknown)."""
+        for seq in self.seqs.values():
+            seq.status, seq.finish_reason = "finished", "abort"
+        self.waiting.clear()
+        self.running.clear()
+        self.seqs.clear()
+        self.cache.reset()
+        if self.adapters is not None:
+            self.adapters.release_all()
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == "running":
             self.running.remove(seq)
+            self._release_adapter(seq)
         elif seq.status == "waiting":
             self.waiting.remove(seq)
         if seq.id in self.cache.tables:
@@ -162,8 +215,13 @@ class Engine:
         self.seqs.pop(seq.id, None)
         self.stats["requests_finished"] += 1
 
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.adapter:
+            self.adapters.release(seq.adapter)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release_adapter(seq)
         self.cache.free_sequence(seq.id)
         seq.num_computed, seq.block_keys, seq.status = 0, [], "waiting"
         seq.num_preemptions += 1
@@ -173,7 +231,7 @@ class Engine:
     # ---- prefix cache -------------------------------------------------------------------------
     def _key(self, seq: Sequence, i: int):
         toks = seq.tokens[i * self.block_size:(i + 1) * self.block_size]
-        parent = hash(seq.block_keys[i - 1]) if i else None
+        parent = hash(seq.block_keys[i - 1]) if i else ("adapter", seq.adapter)  # K/V depend on the adapter
         return (parent, tuple(toks))
 
     def _admit(self, seq: Sequence) -> None:
@@ -226,13 +284,17 @@ class Engine:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.adapter and not self.adapters.acquire(seq.adapter):
+                break  # every adapter slot is pinned by running sequences: wait for one to finish
             self._admit(seq)
-            n = min(len(seq.tokens) - seq.num_computed, budget)
             try:
+                self._place_prefix(seq)
+                n = min(len(seq.tokens) - seq.num_computed, budget)
                 self.cache.ensure(seq.id, seq.num_computed + n)
             except OutOfBlocks:
                 self.cache.free_sequence(seq.id)
                 seq.num_computed, seq.block_keys = 0, []
+                self._release_adapter(seq)
                 break
             self.waiting.popleft()
             seq.status = "running"
@@ -240,6 +302,25 @@ class Engine:
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def _place_prefix(self, seq: Sequence) -> None:
+        """Prefix tuning: write the adapter's fixed K/V into the sequence's first slots (no forward)."""
+        v = self.virtual
+        if v is None or v.keys is None or seq.num_computed >= v.n:
+            return
+        self.cache.ensure(seq.id, v.n)
+        self.cache.write_kv(seq.id, seq.num_computed, v.n, v.keys, v.values)
+        seq.num_computed = v.n
+
+    def _inputs(self, ids: torch.Tensor) -> dict:
+        """Forward arguments for a step's ids; prompt tuning's virtual ids (< 0) become its embeddings."""
+        ids = ids.to(self.cache.device)
+        if self.virtual is None or self.virtual.embeds is None or not bool((ids < 0).any()):
+            return {"input_ids": ids}
+        x = self.embed(ids.clamp(min=0))
+        virt = ids < 0
+        x[virt] = self.virtual.embeds.to(x.dtype)[-ids[virt] - 1]
+        return {"inputs_embeds": x}
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -249,14 +330,27 @@ class Engine:
                 seq = self.waiting[0]
                 raise LeanLMError(f"engine: request {seq.id} does not fit in {self.cache.num_blocks} KV blocks")
             return []
+        try:
+            return self._run(batch)
+        except Exception as e:  # fail this step's requests only; the engine stays consistent for the rest
+            self.cache.cancel_step()
+            for seq, _ in batch:
+                if seq.status != "finished":
+                    self._finish(seq, "error")
+            self.stats["step_errors"] = self.stats.get("step_errors", 0) + 1
+            raise StepError([s.id for s, _ in batch], e) from e
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> list[StepOutput]:
         layout = "rows" if all(n == 1 for _, n in batch) else "packed"
         B, T = self.cache.prepare([(s.id, n) for s, n in batch], layout)
         if layout == "packed":
             ids = torch.tensor([t for s, n in batch for t in s.tokens[s.num_computed:s.num_computed + n]])[None]
         else:
             ids = torch.tensor([[s.tokens[s.num_computed]] for s, _ in batch])
+        if self.adapters is not None:  # the adapter index of every input token, flat (rows layout: T == 1)
+            self.adapters.set_rows(torch.tensor([s.adapter for s, n in batch for _ in range(n)]))
         qi = self.cache.query_index()
-        hidden = self.model(ids.to(self.cache.device), cache=self.cache, return_hidden=True)
+        hidden = self.model(**self._inputs(ids), cache=self.cache, return_hidden=True)
         hidden = hidden.reshape(B * T, -1)[qi.to(hidden.device)]
         self.stats["steps"] += 1
         self.stats["batch_tokens"] += sum(n for _, n in batch)
@@ -274,7 +368,7 @@ class Engine:
         for row, j in enumerate(sampling):
             seq = batch[j][0]
             p = seq.params
-            tok = sample_next(logits[row], p, seq.generator, seq.tokens)
+            tok = sample_next(logits[row], p, seq.generator, seq.prompt + seq.output)
             lp, top = None, None
             if p.logprobs is not None:
                 logp = torch.log_softmax(logits[row], -1)

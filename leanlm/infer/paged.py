@@ -131,6 +131,28 @@ class PagedKVCache:
             self.alloc.release(b)
         self.lengths.pop(seq_id, None)
 
+    def write_kv(self, seq_id, start: int, end: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Write fixed K/V for positions [start, end) of a sequence (prefix tuning's virtual tokens):
+        keys[layer] / values[layer] are [n, kv_heads, head_dim] for positions 0..n-1."""
+        if self.lengths[seq_id] != start:
+            raise ValueError(f"sequence {seq_id!r} holds {self.lengths[seq_id]} tokens, not {start}")
+        slots = self._slots(seq_id, start, end).to(self.device)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.k[layer][slots] = k[start:end].to(self.k[layer].dtype)
+            self.v[layer][slots] = v[start:end].to(self.v[layer].dtype)
+        self.lengths[seq_id] = end
+
+    def reset(self) -> None:
+        """Every block free, no sequence (the prefix cache is dropped too)."""
+        self.alloc = BlockAllocator(self.num_blocks)
+        self.tables.clear()
+        self.lengths.clear()
+        self._step = None
+
+    def cancel_step(self) -> None:
+        """Forget a prepared step whose forward raised (nothing advanced)."""
+        self._step = None
+
     def _slots(self, seq_id, start: int, end: int) -> torch.Tensor:
         table = torch.tensor(self.tables[seq_id], dtype=torch.long)
         pos = torch.arange(start, end)

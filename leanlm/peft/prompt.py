@@ -83,6 +83,12 @@ class PromptTuned(VirtualTokenModel):
                               last_only=last_only, return_hidden=return_hidden)
         return out[:, self.n:] if first and not last_only else out
 
+    def virtual_tokens(self):
+        """For the serving engine: the virtual tokens are these input embeddings."""
+        from leanlm.infer.engine import VirtualTokens
+
+        return VirtualTokens(self.n, embeds=self.prompt_embeddings.detach())
+
     def new_cache(self, batch: int, max_len: int, valid: torch.Tensor | None = None):
         if valid is not None:
             valid = torch.cat([torch.ones(valid.shape[0], self.n, dtype=torch.bool), valid.bool()], 1)
@@ -153,6 +159,14 @@ class PrefixTuned(VirtualTokenModel):
         e = self.prompt_embeddings.view(self.n, self.layers * 2, self.kv_heads, self.head_dim)
         e = e.permute(1, 2, 0, 3).unsqueeze(1)  # [layers*2, 1, kv_heads, n, head_dim]
         return [e[2 * i] for i in range(self.layers)], [e[2 * i + 1] for i in range(self.layers)]
+
+    def virtual_tokens(self):
+        """For the serving engine: the virtual tokens' K/V, written into each sequence's first slots."""
+        from leanlm.infer.engine import VirtualTokens
+
+        keys, values = self.prefix_kv()  # [1, kv_heads, n, head_dim] per layer
+        return VirtualTokens(self.n, keys=[k.detach()[0].transpose(0, 1) for k in keys],
+                             values=[v.detach()[0].transpose(0, 1) for v in values])
 
     def forward(self, input_ids=None, cache=None, positions=None, inputs_embeds=None,
                 last_only=False, return_hidden=False):

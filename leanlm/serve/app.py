@@ -1,136 +1,115 @@
 """OpenAI-compatible HTTP API over the engine (FastAPI).
 
 Text lives here, not in the engine: prompts are tokenized, chat templates applied, output ids
-detokenized incrementally and stop strings matched on text. Malformed requests get a 4xx with an
-OpenAI-style error object; a client that disconnects aborts its requests, which frees their blocks.
+detokenized incrementally and stop strings matched on text (leanlm/serve/text.py). Request bodies are
+pydantic models with ranges (leanlm/serve/schema.py), so /openapi.json says what is accepted. Every
+error is an OpenAI error object: 4xx for the request, 429 with Retry-After when the server is full,
+408 past the request timeout, 500 when the engine failed on this request, 503 while shutting down.
+A client that disconnects aborts its requests, which frees their blocks.
 """
 
 import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from leanlm.errors import LeanLMError
-from leanlm.infer.engine import SamplingParams, StepOutput
-from leanlm.serve.engine_loop import AsyncEngine
+from leanlm.infer.engine import SamplingParams
+from leanlm.serve import schema
+from leanlm.serve.engine_loop import AsyncEngine, Overloaded, ShuttingDown
+from leanlm.serve.text import Choice, usage
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# ---- request validation -----------------------------------------------------------------------
-def _get(body: dict, name: str, kinds, default=None, lo=None, hi=None):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise APIError(400, f"'{name}' must be {_kind_name(kinds)}, got a boolean", name)
-    if not isinstance(v, kinds):
-        raise APIError(400, f"'{name}' must be {_kind_name(kinds)}, got {type(v).__name__}", name)
-    if lo is not None and v < lo or hi is not None and v > hi:
-        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {v}", name)
-    return v
+_HINTS = {
+    "prompt": "'prompt' must be a non-empty string, a list of strings, or token ids in [0, {V}) "
+              "(a list or a list of lists), at most {P} prompts",
+    "stop": "'stop' must be a non-empty string or a list of 1 to 16 of them (at most 256 characters each)",
+    "messages": "'messages' must be a non-empty list of {{role, content}} objects (roles system, developer, "
+                "user, assistant; content a string or a list of text parts)",
+}
 
 
-def _kind_name(kinds) -> str:
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-                        list: "a list", dict: "an object"}[k] for k in kinds)
+def validation_error(errors: list, vocab: int, max_prompts: int) -> APIError:
+    """One clear 400 from pydantic's errors: which field, what is wrong."""
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    field = loc[0] if loc else None
+    if e.get("type") == "extra_forbidden" and len(loc) == 1:
+        if field in schema.UNSUPPORTED:
+            return APIError(400, f"'{field}' is not supported by this server; remove it", field, "unsupported_field")
+        return APIError(400, f"unknown field '{field}'", field, "unknown_field")
+    if e.get("type") == "extra_forbidden":
+        return APIError(400, f"'{'.'.join(loc)}' is not supported in a request", field, "unsupported_field")
+    if e.get("type") == "json_invalid" or field is None and e.get("type") in ("model_attributes_type", "dict_type"):
+        return APIError(400, f"the request body must be a JSON object ({e.get('msg')})")
+    if field in schema.ONLY_DEFAULT:
+        return APIError(400, schema.ONLY_DEFAULT[field], field, "unsupported_value")
+    if field in _HINTS and (len(errors) > 1 or e.get("type") == "missing" and field == "messages"):
+        return APIError(400, _HINTS[field].format(V=vocab, P=max_prompts), field)
+    if e.get("type") == "missing":
+        return APIError(400, f"'{field}' is required", field)
+    where = ".".join(loc) or "body"
+    return APIError(400, f"'{where}': {e.get('msg')}", field)
 
 
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a non-empty string or a list of them", "stop")
-    return stop
-
-
-class Choice:
-    """One generated sequence: incremental detokenization, stop strings, logprobs."""
-
-    def __init__(self, index: int, tokenizer, stops: list[str]):
-        self.index, self.tok, self.stops = index, tokenizer, stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.ids: list[int] = []
-        self.logprobs: list[tuple[int, float, list]] = []
-        self.text, self.sent = "", 0
-        self.finish_reason: str | None = None
-        self.rid: str | None = None
-
-    def feed(self, o: StepOutput) -> str:
-        """Take one engine output; return the new text that is safe to send."""
-        if o.token is not None:
-            self.ids.append(o.token)
-            if o.logprob is not None:
-                self.logprobs.append((o.token, o.logprob, o.top_logprobs or []))
-        self.text = self.tok.decode(self.ids)
-        if o.finished:
-            self.finish_reason = o.finish_reason
-        for s in self.stops:
-            i = self.text.find(s, max(0, self.sent - len(s)))
-            if i >= 0:
-                self.text, self.finish_reason = self.text[:i], "stop"
-        safe = len(self.text)
-        if self.finish_reason is None:
-            safe -= self.hold
-            while safe > self.sent and self.text[safe - 1] == "\ufffd":  # an unfinished UTF-8 sequence
-                safe -= 1
-        delta = self.text[self.sent:max(safe, self.sent)]
-        self.sent = max(safe, self.sent)
-        return delta
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def piece(self, t: int) -> str:
-        return self.tok.decode([t], skip_special=False)
-
-    def completion_logprobs(self, entries, offset0: int = 0) -> dict:
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        off = offset0
-        for t, lp, top in entries:
-            s = self.piece(t)
-            out["tokens"].append(s)
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({self.piece(a): b for a, b in top})
-            out["text_offset"].append(off)
-            off += len(s)
-        return out
-
-    def chat_logprobs(self, entries) -> dict:
-        def item(t, lp):
-            s = self.piece(t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-        return {"content": [dict(item(t, lp), top_logprobs=[item(a, b) for a, b in top]) for t, lp, top in entries]}
+@dataclass
+class Prepared:
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    adapter: int  # 0: the base model; else a LoRA adapter's index in the engine's pool
 
 
 class Server:
     """Request handling, independent of the web framework (build_app wires it into FastAPI)."""
 
-    def __init__(self, aengine: AsyncEngine, tokenizer, model_name: str):
+    def __init__(self, aengine: AsyncEngine, tokenizer, model_name: str, *, request_timeout: float = 600.0,
+                 max_choices: int = 64, max_prompts: int = 64):
         self.aengine, self.tok, self.model_name = aengine, tokenizer, model_name
         eng = aengine.engine
-        self.max_model_len = eng.max_model_len
-        self.capacity = eng.cache.num_blocks * eng.block_size
+        self.max_model_len = eng.max_model_len - eng.num_virtual
+        self.capacity = eng.cache.num_blocks * eng.block_size - eng.num_virtual
+        self.vocab = eng.cfg.vocab_size
+        self.request_timeout, self.max_choices, self.max_prompts = request_timeout, max_choices, max_prompts
+        self.CompletionRequest, self.ChatCompletionRequest = schema.request_models(
+            self.vocab, eng.max_model_len, max_prompts, model_name)
         self.created = int(time.time())
         self.http = {}  # (path, status) -> count
         self.stream_aborts = 0
+        self.timeouts = 0
+        self.loras = None  # leanlm.serve.lora.LoraRegistry when the server serves LoRA adapters by name
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "leanlm"}]}
+        data = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "leanlm",
+                 "root": self.model_name, "parent": None}]
+        if self.loras is not None:
+            data += [{"id": name, "object": "model", "created": a.created, "owned_by": "leanlm", "root": a.path,
+                      "parent": self.model_name} for name, a in self.loras.adapters.items()]
+        return {"object": "list", "data": data}
+
+    def resolve_model(self, model: str) -> int:
+        if model == self.model_name:
+            return 0
+        if self.loras is not None and model in self.loras.adapters:
+            return self.loras.adapters[model].index
+        names = [self.model_name] + (list(self.loras.adapters) if self.loras is not None else [])
+        raise APIError(404, f"model '{model}' does not exist; this server serves {', '.join(map(repr, names))} "
+                            "(GET /v1/models)", "model", "model_not_found")
 
     def metrics(self) -> str:
         eng = self.aengine.engine
@@ -145,6 +124,8 @@ class Server:
             lines.append(f"leanlm_{name}{labels} {value}")
         metric("requests_running", "gauge", "Requests being decoded.", len(eng.running))
         metric("requests_waiting", "gauge", "Requests queued for a slot.", len(eng.waiting))
+        metric("requests_pending", "gauge", "Requests accepted and not finished (queued, running, in "
+                                            "transit).", self.aengine.num_pending)
         metric("requests_finished_total", "counter", "Requests finished or aborted.", s["requests_finished"])
         metric("prompt_tokens_total", "counter", "Prompt tokens of started requests.", s["prompt_tokens"])
         metric("generation_tokens_total", "counter", "Generated tokens.", s["generation_tokens"])
@@ -156,6 +137,10 @@ class Server:
         metric("kv_blocks_free", "gauge", "KV blocks free or holding evictable prefix-cache content.",
                alloc.num_available())
         metric("engine_step_errors_total", "counter", "Engine steps that raised.", self.aengine.step_errors)
+        metric("engine_restarts_total", "counter", "Engine threads restarted after dying.", self.aengine.restarts)
+        metric("requests_rejected_total", "counter", "Requests refused with 429 (server full).",
+               self.aengine.rejected)
+        metric("request_timeouts_total", "counter", "Requests ended by the request timeout.", self.timeouts)
         metric("stream_disconnects_total", "counter", "Requests aborted because the client went away.",
                self.stream_aborts)
         for (path, status), n in sorted(self.http.items()):
@@ -163,84 +148,26 @@ class Server:
                    f'{{path="{path}",status="{status}"}}')
         return "\n".join(lines) + "\n"
 
-    # ---- shared request parsing ---------------------------------------------------------------
-    def _common(self, body: dict, prompt_len: int, default_max: int | None) -> tuple[SamplingParams, int, list[str]]:
-        model = body.get("model")
-        if not isinstance(model, str):
-            raise APIError(400, "'model' is required (a string); see GET /v1/models", "model")
-        if model != self.model_name:
-            raise APIError(404, f"model '{model}' does not exist; this server serves '{self.model_name}'",
-                           "model", "model_not_found")
-        room = min(self.max_model_len, self.capacity) - prompt_len
-        if room <= 0:
-            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context holds "
-                                f"{self.max_model_len} (KV cache {self.capacity}); shorten the prompt",
-                           "messages" if "messages" in body else "prompt", "context_length_exceeded")
-        max_tokens = _get(body, "max_tokens", int, None, lo=1)
-        if "max_completion_tokens" in body:
-            max_tokens = _get(body, "max_completion_tokens", int, None, lo=1)
-        if max_tokens is None:
-            max_tokens = min(default_max or room, room)
-        if max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} is too large: the prompt has {prompt_len} tokens and "
-                                f"the context holds {min(self.max_model_len, self.capacity)}; use at most {room}",
-                           "max_tokens")
-        n = _get(body, "n", int, 1, lo=1, hi=16)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if _get(body, name, (int, float), 0) != 0:
-                raise APIError(400, f"'{name}' is not supported; leave it at 0 (use 'repetition_penalty')", name)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=float(_get(body, "temperature", (int, float), 1.0, lo=0, hi=2)),
-            top_p=float(_get(body, "top_p", (int, float), 1.0, lo=1e-6, hi=1)),
-            top_k=_get(body, "top_k", int, 0, lo=-1),  # -1: off, as vLLM
-            seed=_get(body, "seed", int, None),
-            ignore_eos=_get(body, "ignore_eos", bool, False),
-            repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 1.0, lo=0.01, hi=10)),
-        )
-        if params.top_k == -1:
-            params.top_k = 0
-        return params, n, _stops(body)
-
+    # ---- request parsing (types and ranges are already checked by the schema) -----------------------
     def _prompt_ids(self, prompt) -> list[list[int]]:
         """OpenAI prompt forms: a string, a list of strings, a list of ids, a list of id lists."""
-        V = self.aengine.engine.cfg.vocab_size
-
-        def ids_ok(x):
-            return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V
-                                                      for t in x)
         if isinstance(prompt, str):
             prompts = [self.tok.encode(prompt)]
-        elif ids_ok(prompt):
+        elif isinstance(prompt[0], int):
             prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        elif isinstance(prompt[0], str):
             prompts = [self.tok.encode(p) for p in prompt]
-        elif isinstance(prompt, list) and prompt and all(ids_ok(p) for p in prompt):
-            prompts = prompt
         else:
-            raise APIError(400, f"'prompt' must be a string, a list of strings, or token ids in [0, {V}) "
-                                "(a list or a list of lists)", "prompt")
+            prompts = prompt
         if any(len(p) == 0 for p in prompts):
-            raise APIError(400, "'prompt' is empty", "prompt")
+            raise APIError(400, "'prompt' encodes to no tokens", "prompt")
         return prompts
 
-    def _chat_ids(self, body: dict) -> list[int]:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    def _chat_ids(self, req) -> list[int]:
         clean = []
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise APIError(400, "each message needs a 'role' string and a 'content'", "messages")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}]
-                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                           for c in content):
-                    raise APIError(400, "only text content parts are supported", "messages")
-                content = "".join(c["text"] for c in content)
-            if not isinstance(content, str):
-                raise APIError(400, "message 'content' must be a string or a list of text parts", "messages")
-            clean.append({"role": m["role"], "content": content})
+        for m in req.messages:
+            content = m.content if isinstance(m.content, str) else "".join(c.text for c in m.content)
+            clean.append({"role": m.role, "content": content})
         try:
             ids = self.tok.encode_chat(clean)
         except LeanLMError as e:
@@ -251,56 +178,74 @@ class Server:
             raise APIError(400, "the chat template produced an empty prompt", "messages")
         return ids
 
-    # ---- endpoints ----------------------------------------------------------------------------
-    def prepare(self, body: dict, chat: bool):
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+    def prepare(self, req, chat: bool) -> Prepared:
+        adapter = self.resolve_model(req.model)
         if chat:
-            prompts = [self._chat_ids(body)]
-            if body.get("logprobs") not in (None, True, False):
-                raise APIError(400, "'logprobs' must be a boolean for chat completions", "logprobs")
-            top = _get(body, "top_logprobs", int, None, lo=0, hi=20)
-            logprobs = (top or 0) if body.get("logprobs") else None
+            prompts = [self._chat_ids(req)]
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         else:
-            prompts = self._prompt_ids(body.get("prompt"))
-            logprobs = _get(body, "logprobs", int, None, lo=0, hi=20)
-            if body.get("echo"):
-                raise APIError(400, "'echo' is not supported", "echo")
-            if body.get("suffix"):
-                raise APIError(400, "'suffix' is not supported", "suffix")
-        default_max = None if chat else 16
-        params, n, stops = self._common(body, max(len(p) for p in prompts), default_max)
-        params.logprobs = logprobs
-        stream = _get(body, "stream", bool, False)
-        opts = _get(body, "stream_options", dict, {})
-        include_usage = bool(opts.get("include_usage")) and stream
-        return prompts, params, n, stops, stream, include_usage
+            prompts = self._prompt_ids(req.prompt)
+            logprobs, max_tokens = req.logprobs, req.max_tokens
+        if len(prompts) * req.n > self.max_choices:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} choices; this server "
+                                f"takes at most {self.max_choices} per request", "n")
+        prompt_len = max(len(p) for p in prompts)
+        limit = min(self.max_model_len, self.capacity)
+        room = limit - prompt_len
+        if room <= 0:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context holds "
+                                f"{self.max_model_len} (KV cache {self.capacity}); shorten the prompt",
+                           "messages" if chat else "prompt", "context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = room if chat else min(16, room)
+        if max_tokens > room:
+            raise APIError(400, f"max_tokens={max_tokens} is too large: the prompt has {prompt_len} tokens and "
+                                f"the context holds {limit}; use at most {room}", "max_tokens")
+        params = SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
+                                top_k=max(req.top_k, 0), seed=req.seed, ignore_eos=req.ignore_eos,
+                                repetition_penalty=float(req.repetition_penalty), logprobs=logprobs)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        include_usage = bool(req.stream_options and req.stream_options.include_usage) and req.stream
+        return Prepared(prompts, params, req.n, stops, req.stream, include_usage, adapter)
 
-    def launch(self, prompts, params: SamplingParams, n: int, stops: list[str]):
+    def launch(self, job: Prepared):
         sink: asyncio.Queue = asyncio.Queue()
-        choices: dict[str, Choice] = {}
-        for pi, p in enumerate(prompts):
-            for j in range(n):
-                sp = SamplingParams(**vars(params))
+        items, choices = [], []
+        for pi, p in enumerate(job.prompts):
+            for j in range(job.n):
+                sp = SamplingParams(**vars(job.params))
                 if sp.seed is not None:
-                    sp.seed = sp.seed + j
-                c = Choice(pi * n + j, self.tok, stops)
-                try:
-                    c.rid = self.aengine.add(p, sp, sink)
-                except LeanLMError as e:
-                    for c2 in choices.values():
-                        self.aengine.abort(c2.rid)
-                    raise APIError(503, str(e), type_="server_error")
-                choices[c.rid] = c
-        return sink, choices
+                    sp.seed = (sp.seed + j) % (schema.SEED_MAX + 1)
+                items.append((p, sp))
+                choices.append(Choice(pi * job.n + j, self.tok, job.stops))
+        try:
+            rids = self.aengine.add_many(items, sink, job.adapter)
+        except Overloaded as e:
+            raise APIError(429, str(e), code="overloaded", type_="rate_limit_error",
+                           headers={"Retry-After": str(e.retry_after)})
+        except ShuttingDown as e:
+            raise APIError(503, str(e), code="shutting_down", type_="server_error")
+        for c, rid in zip(choices, rids):
+            c.rid = rid
+        return sink, {c.rid: c for c in choices}
 
-    async def events(self, sink, choices):
-        """Yield (choice, delta) as outputs arrive, until every choice is done."""
+    async def events(self, sink, choices, deadline: float):
+        """Yield (choice, delta, n_logprobs) as outputs arrive, until every choice is done."""
         left = len(choices)
+        loop = asyncio.get_running_loop()
         while left:
-            item = await sink.get()
+            try:
+                item = await asyncio.wait_for(sink.get(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                self.timeouts += 1
+                raise APIError(408, f"the request did not finish within the server's {self.request_timeout:g} s "
+                                    "timeout; lower max_tokens", code="timeout", type_="timeout_error")
             if isinstance(item, LeanLMError):
                 raise APIError(400, str(item))
+            if item.finish_reason == "error":
+                raise APIError(500, item.error or "the engine failed on this request", code="engine_error",
+                               type_="server_error")
             c = choices[item.request_id]
             if c.done:
                 continue
@@ -321,46 +266,47 @@ class Server:
         return k
 
 
-def usage(prompts, n, choices, saved: int | None = None) -> dict:
-    p = sum(len(x) for x in prompts)  # as OpenAI: the prompt counts once, whatever n
-    c = sum(len(ch.ids) for ch in choices.values())
-    out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-    if saved is not None:  # the request asked for leanlm.compress_prompt
-        out["prompt_tokens_saved"] = saved
-    return out
-
-
-async def compress_request(srv, body, chat: bool):
-    """The request with its prompt compressed when it asks (leanlm.serve.prompt_option), and the
-    prompt tokens saved (None when it does not ask). Runs in a worker thread: it scores with the model."""
+async def compress_request(srv, req, chat: bool):
+    """The request with its prompt compressed when it asks (`"leanlm": {"compress_prompt": ...}`,
+    leanlm.serve.prompt_option), and the prompt tokens saved (None when it does not ask). Runs in a
+    worker thread: it scores with the model."""
     from leanlm.serve import prompt_option
 
-    if not isinstance(body, dict) or body.get("leanlm") is None:
-        return body, None
+    if req.leanlm is None:
+        return req, None
     try:
-        return await asyncio.to_thread(prompt_option.apply, body, chat, srv.aengine.engine.model, srv.tok)
+        body, saved = await asyncio.to_thread(prompt_option.apply, req.model_dump(), chat,
+                                              srv.aengine.engine.model, srv.tok)
     except prompt_option.OptionError as e:
         raise APIError(400, str(e), "leanlm")
+    return type(req).model_validate_json(json.dumps(body)), saved  # strict JSON-mode validation again
 
 
-def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None):
-    """The FastAPI application: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None, *,
+              max_body_bytes: int = 4 << 20, request_timeout: float = 600.0, max_choices: int = 64,
+              loras=None):
+    """The FastAPI application: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, and with
+    `loras` (a leanlm.serve.lora.LoraRegistry) /v1/load_lora_adapter and /v1/unload_lora_adapter."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    srv = Server(aengine, tokenizer, model_name)
-    app = FastAPI(title="leanlm", docs_url=None, redoc_url=None)
+    srv = Server(aengine, tokenizer, model_name, request_timeout=request_timeout, max_choices=max_choices)
+    srv.loras = loras
+    app = FastAPI(title="leanlm", summary="OpenAI-compatible completions over leanlm's engine",
+                  docs_url=None, redoc_url=None)
     app.state.server = srv
 
     def err(e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    paths = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+    paths = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+             "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/openapi.json"}
 
-    class AuthAndCount:
-        """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from handlers)."""
+    class Guard:
+        """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from handlers): API key,
+        body size limit (the body is read here, then replayed), per-path status counts."""
 
         def __init__(self, inner):
             self.inner = inner
@@ -370,13 +316,6 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                 return await self.inner(scope, receive, send)
             path = scope["path"]
             key = path if path in paths else "other"
-            if api_key and path.startswith("/v1/"):
-                auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-                if auth != f"Bearer {api_key}":
-                    srv.http[(key, 401)] = srv.http.get((key, 401), 0) + 1
-                    resp = err(APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                        code="invalid_api_key", type_="authentication_error"))
-                    return await resp(scope, receive, send)
             status = {}
 
             async def send_counted(msg):
@@ -384,12 +323,49 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                     status["code"] = msg["status"]
                 await send(msg)
             try:
+                early = None
+                headers = dict(scope["headers"])
+                if api_key and path.startswith("/v1/"):
+                    if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {api_key}":
+                        early = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                         code="invalid_api_key", type_="authentication_error")
+                too_big = APIError(413, f"the request body is larger than {max_body_bytes} bytes",
+                                   code="body_too_large")
+                try:
+                    declared = int(headers.get(b"content-length", b"0"))
+                except ValueError:
+                    declared = 0
+                if early is None and declared > max_body_bytes:
+                    early = too_big
+                if early is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                    chunks, size, more = [], 0, True
+                    while more:
+                        msg = await receive()
+                        if msg["type"] != "http.request":
+                            return  # the client left before sending its body
+                        chunks.append(msg.get("body", b""))
+                        size += len(chunks[-1])
+                        more = msg.get("more_body", False)
+                        if size > max_body_bytes:
+                            early = too_big
+                            break
+                    if early is None:
+                        body, sent, inner_receive = b"".join(chunks), [False], receive
+
+                        async def replay():
+                            if not sent[0]:
+                                sent[0] = True
+                                return {"type": "http.request", "body": body, "more_body": False}
+                            return await inner_receive()  # then: http.disconnect when the client leaves
+                        receive = replay
+                if early is not None:
+                    return await err(early)(scope, receive, send_counted)
                 await self.inner(scope, receive, send_counted)
             finally:
                 code = status.get("code", 500)
                 srv.http[(key, code)] = srv.http.get((key, code), 0) + 1
 
-    app.add_middleware(AuthAndCount)
+    app.add_middleware(Guard)
 
     @app.exception_handler(APIError)
     async def on_api_error(request, e: APIError):
@@ -397,55 +373,63 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, e):
-        return err(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return err(APIError(e.status_code, str(e.detail), code=code))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, e):
-        return err(APIError(400, f"invalid request: {e.errors()[:1]}"))
+        return err(validation_error(e.errors(), srv.vocab, srv.max_prompts))
 
-    @app.get("/health")
+    @app.exception_handler(Exception)
+    async def on_crash(request, e):  # a bug: still an OpenAI error object, and the server goes on
+        return err(APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error",
+                            type_="server_error"))
+
+    errors = schema.error_responses
+    stream_doc = {"description": "with stream=false: the JSON body below; with stream=true: server-sent "
+                                 "events (data: {chunk}, an error object if the request fails, data: [DONE])",
+                  "content": {"text/event-stream": {}}}
+
+    @app.get("/health", response_model=schema.Health, responses={503: {"model": schema.Health}})
     async def health():
         if not aengine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
+        if aengine.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return PlainTextResponse(srv.metrics(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=schema.ModelList, responses=errors(401))
     async def models():
         return srv.models()
 
-    async def read_body(request: Request):
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})")
-
-    async def handle(request: Request, chat: bool):
-        body, saved = await compress_request(srv, await read_body(request), chat)
-        prompts, params, n, stops, stream, include_usage = srv.prepare(body, chat)
+    async def handle(request: Request, req, chat: bool):
+        req, saved = await compress_request(srv, req, chat)
+        job = srv.prepare(req, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        sink, choices = srv.launch(prompts, params, n, stops)
-        if not stream:
+        sink, choices = srv.launch(job)
+        deadline = asyncio.get_running_loop().time() + srv.request_timeout
+        lp_on = job.params.logprobs is not None
+        if not job.stream:
             async def watch():  # Starlette does not cancel a plain handler when its client leaves
                 while not await request.is_disconnected():
                     await asyncio.sleep(0.2)
                 srv.stream_aborts += bool(srv.abort_unfinished(choices))
             watcher = asyncio.create_task(watch())
             try:
-                async for _ in srv.events(sink, choices):
+                async for _ in srv.events(sink, choices, deadline):
                     pass
             finally:  # cancelled or failed: free the blocks
                 watcher.cancel()
-                srv.stream_aborts += bool(srv.abort_unfinished(choices))
+                srv.abort_unfinished(choices)
             out = []
             for c in sorted(choices.values(), key=lambda c: c.index):
-                entries = c.logprobs if params.logprobs is not None else None
+                entries = c.logprobs if lp_on else None
                 if chat:
                     out.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                                 "logprobs": c.chat_logprobs(entries) if entries is not None else None,
@@ -453,24 +437,24 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                 else:
                     out.append({"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                                 "logprobs": c.completion_logprobs(entries) if entries is not None else None})
-            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": out,
-                    "usage": usage(prompts, n, choices, saved)}
+            return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": out,
+                    "usage": usage(job.prompts, job.n, choices, saved)}
 
         async def sse():
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
             def chunk(choices_, **extra):
                 return "data: " + json.dumps({"id": rid, "object": chunk_obj, "created": created,
-                                              "model": model_name, "choices": choices_, **extra}) + "\n\n"
+                                              "model": req.model, "choices": choices_, **extra}) + "\n\n"
             try:
                 if chat:
                     for c in sorted(choices.values(), key=lambda c: c.index):
                         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}])
                 sent_lp = {c.rid: 0 for c in choices.values()}
-                async for c, delta, n_lp in srv.events(sink, choices):
+                async for c, delta, n_lp in srv.events(sink, choices, deadline):
                     lp = None
-                    if params.logprobs is not None:
+                    if lp_on:
                         new = c.logprobs[sent_lp[c.rid]:n_lp]
                         sent_lp[c.rid] = n_lp
                         if new:
@@ -484,23 +468,55 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                     else:
                         yield chunk([{"index": c.index, "text": delta, "logprobs": lp,
                                       "finish_reason": c.finish_reason}])
-                if include_usage:
-                    yield chunk([], usage=usage(prompts, n, choices, saved))
+                if job.include_usage:
+                    yield chunk([], usage=usage(job.prompts, job.n, choices, saved))
                 yield "data: [DONE]\n\n"
-            except APIError as e:
+            except APIError as e:  # the status line is sent: the error goes in the stream
                 yield "data: " + json.dumps(e.body()) + "\n\n"
+                yield "data: [DONE]\n\n"
             finally:  # also runs when the client disconnects and the response is cancelled
                 srv.stream_aborts += bool(srv.abort_unfinished(choices))
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, chat=False)
+    CompletionRequest, ChatCompletionRequest = srv.CompletionRequest, srv.ChatCompletionRequest
+    api_errors = errors(400, 401, 404, 408, 413, 429, 500, 503)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
+    @app.post("/v1/completions", response_model=schema.Completion, responses={200: stream_doc, **api_errors})
+    async def completions(req: CompletionRequest, request: Request):
+        return await handle(request, req, chat=False)
 
+    @app.post("/v1/chat/completions", response_model=schema.ChatCompletion,
+              responses={200: stream_doc, **api_errors})
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await handle(request, req, chat=True)
+
+    if loras is not None:
+        from leanlm.serve.lora import add_routes
+
+        add_routes(app, srv, loras, APIError)
+
+    def openapi():  # validation errors answer 400 with the error object, never FastAPI's 422
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            s = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+            for item in s.get("paths", {}).values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            comps = s.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                comps.pop(name, None)
+            # FastAPI's OpenAPI models hold bounds as floats (2^63-1 would become 2^63): take the request
+            # bodies' schemas from pydantic itself, exact
+            for cls in (CompletionRequest, ChatCompletionRequest, schema.LoadLoraRequest, schema.UnloadLoraRequest):
+                js = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+                for k, v in js.pop("$defs", {}).items():
+                    comps[k] = v
+                if cls.__name__ in comps:
+                    comps[cls.__name__] = js
+            app.openapi_schema = s
+        return app.openapi_schema
+    app.openapi = openapi
     return app

@@ -23,6 +23,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                 "at most 1 GiB)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt blocks between requests")
+    g = p.add_argument_group("LoRA adapters by name (requests pick one with \"model\": NAME)")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve this LoRA adapter folder under NAME (repeat for more); one batch mixes adapters")
+    g.add_argument("--lora-dir", default=None,
+                   help="allow POST /v1/load_lora_adapter for folders under this directory")
+    g.add_argument("--max-loras", type=int, default=8, help="adapters held in the pool at once (LRU reuse)")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank the pool takes")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-pending", type=int, default=256,
+                   help="requests (choices) queued or running at once; beyond it: 429 with Retry-After")
+    g.add_argument("--max-pending-tokens", type=int, default=1 << 20,
+                   help="prompt + max_tokens summed over pending requests; beyond it: 429")
+    g.add_argument("--max-choices", type=int, default=64, help="prompts x n per request")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends with 408")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body limit (413 beyond)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds the requests in flight get to finish before the server exits")
 
 
 def make_server(model, tokenizer, args) -> tuple:
@@ -31,16 +48,40 @@ def make_server(model, tokenizer, args) -> tuple:
     from leanlm.serve.app import build_app
     from leanlm.serve.engine_loop import AsyncEngine
 
-    for name in ("max_num_seqs", "max_batch_tokens", "block_size"):
+    from leanlm.serve.engine_loop import Limits
+
+    for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_pending", "max_pending_tokens",
+                 "max_choices", "max_body_bytes", "max_loras", "max_lora_rank"):
         if getattr(args, name) < 1:
             raise LeanLMError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.request_timeout <= 0 or args.drain_timeout < 0:
+        raise LeanLMError("--request-timeout must be positive and --drain-timeout at least 0")
+    name = args.served_model_name or _default_name(model, args.model)
+    pool = reg = None
+    if args.lora or args.lora_dir:
+        from leanlm.peft.multi_lora import LoraPool
+        from leanlm.serve.lora import LoraRegistry
+
+        if args.adapter:
+            raise LeanLMError("--adapter applies one adapter to the model; with --lora/--lora-dir serve LoRA "
+                              "adapters by name instead (not both)")
+        pool = LoraPool(model, slots=args.max_loras, max_rank=args.max_lora_rank)
+        reg = LoraRegistry(pool, args.lora_dir)
+        for spec in args.lora:
+            lname, sep, path = spec.partition("=")
+            if not sep or not lname or not path:
+                raise LeanLMError(f"--lora {spec!r}: write NAME=PATH")
+            if lname == name:
+                raise LeanLMError(f"--lora {spec!r}: the name is the base model's; choose another")
+            reg.add_at_start(lname, path)
     eng = Engine(model, block_size=args.block_size, num_blocks=args.num_blocks,
                  max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
                  prefix_caching=not args.no_prefix_caching, eos_ids=tuple(tokenizer.eos_ids),
-                 max_model_len=args.max_model_len)
-    aeng = AsyncEngine(eng)
-    name = args.served_model_name or _default_name(model, args.model)
-    return build_app(aeng, tokenizer, name, api_key=args.api_key), aeng
+                 max_model_len=args.max_model_len, adapters=pool)
+    aeng = AsyncEngine(eng, Limits(args.max_pending, args.max_pending_tokens))
+    app = build_app(aeng, tokenizer, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                    request_timeout=args.request_timeout, max_choices=args.max_choices, loras=reg)
+    return app, aeng
 
 
 def _default_name(model, source) -> str:
@@ -52,8 +93,11 @@ def _default_name(model, source) -> str:
     return Path(str(src).rstrip("/")).stem or "model"
 
 
-def serve(app, aengine, host: str, port: int, log_level: str = "info"):
-    """Run uvicorn until SIGINT/SIGTERM; in-flight requests then end with finish_reason "abort"."""
+def serve(app, aengine, host: str, port: int, log_level: str = "info", drain_timeout: float = 30.0):
+    """Run uvicorn until SIGINT/SIGTERM. Then no new requests are taken (503), the ones in flight get
+    `drain_timeout` seconds to finish, the rest end with an error, and the process exits."""
+    import threading
+
     try:
         import uvicorn
     except ImportError:
@@ -61,10 +105,17 @@ def serve(app, aengine, host: str, port: int, log_level: str = "info"):
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            aengine.shutdown(timeout=0)  # streams end now instead of running to max_tokens
+            if not aengine.draining:
+                aengine.begin_drain()
+                t = threading.Timer(drain_timeout, aengine.shutdown, kwargs=dict(
+                    timeout=0, reason=f"the server stopped: requests still running {drain_timeout:g} s after "
+                                      "SIGTERM were ended"))
+                t.daemon = True
+                t.start()
             super().handle_exit(sig, frame)
 
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10))
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                    timeout_graceful_shutdown=drain_timeout + 5))
     try:
         server.run()
     finally:
@@ -108,5 +159,5 @@ def run(args) -> int:
     model, tok = leanlm.load(args.model, dtype=args.dtype, adapter=args.adapter)
     model.eval()
     app, aeng = make_server(model, tok, args)
-    serve(app, aeng, args.host, args.port)
+    serve(app, aeng, args.host, args.port, drain_timeout=args.drain_timeout)
     return 0
