@@ -127,10 +127,11 @@ class ErrorResponse(BaseModel):
 
 
 class Usage(BaseModel):
+    """Token counts; a request with leanlm.compress_prompt also gets prompt_tokens_saved (absent otherwise)."""
+    model_config = ConfigDict(extra="allow")
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_saved: int | None = Field(None, description="with leanlm.compress_prompt: tokens removed")
 
 
 FinishReason = Literal["stop", "length", "abort"]
