@@ -44,7 +44,8 @@ class AdamMini(torch.optim.Optimizer):
 
     Blocks: each output row of a 2-D hidden matrix (an output neuron; finer than the paper's per-head
     blocks for q/k, which keeps it exact for any head layout), the whole tensor for 1-D parameters.
-    Parameters named in `full_adam` (embedding, output head) keep per-coordinate Adam, as the paper does.
+    A param group with `full=True` (make_optimizer puts the embedding and output head there) keeps
+    per-coordinate Adam, as the paper does.
     Memory: v shrinks from rows x cols to rows for every hidden matrix.
     """
 
