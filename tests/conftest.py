@@ -69,6 +69,26 @@ def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0
     return to_leanlm(hf), hf
 
 
+@torch.no_grad()
+def check_left_padded_batch(m, close, generator=None):
+    """Left-padded rows through the cache (prefill, then one decode step) against each row run alone;
+    close(a, b) says whether two logit vectors agree."""
+    seqs = [torch.randint(0, 128, (n,), generator=generator) for n in (9, 4, 13)]
+    P = 13
+    ids = torch.zeros(3, P, dtype=torch.long)
+    valid = torch.zeros(3, P, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = s
+        valid[i, P - len(s):] = True
+    cache = m.new_cache(3, P + 2, valid=valid)
+    first = m(ids, cache=cache)[:, -1]
+    nxt = first.argmax(-1)
+    second = m(nxt[:, None], cache=cache)[:, -1]
+    for i, s in enumerate(seqs):
+        alone = m(torch.cat([s, nxt[i:i + 1]])[None])[0]
+        assert close(first[i], alone[-2]) and close(second[i], alone[-1])
+
+
 @torch.inference_mode()
 def greedy_reference(model, prompt, n):
     """Plain greedy decoding by recomputing the whole sequence each step (no cache at all)."""

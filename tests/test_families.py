@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import leanlm
-from conftest import greedy_reference, tiny_hf, to_leanlm
+from conftest import check_left_padded_batch, greedy_reference, tiny_hf, to_leanlm
 from gguf_util import byte_vocab, write_tiny_gguf
 from leanlm.errors import LeanLMError
 from leanlm.model import ModelConfig
@@ -107,22 +107,7 @@ def test_longrope_cached_decode_below_the_original_length():
 @pytest.mark.parametrize("case", DECODE)
 def test_left_padded_batch_equals_one_by_one(case):
     _, m = pair(case)
-    g = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(0, 128, (n,), generator=g) for n in (9, 4, 13)]
-    P = 13
-    ids = torch.zeros(3, P, dtype=torch.long)
-    valid = torch.zeros(3, P, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s):] = s
-        valid[i, P - len(s):] = True
-    with torch.no_grad():
-        cache = m.new_cache(3, P + 2, valid=valid)
-        first = m(ids, cache=cache)[:, -1]
-        nxt = first.argmax(-1)
-        second = m(nxt[:, None], cache=cache)[:, -1]
-        for i, s in enumerate(seqs):
-            alone = m(torch.cat([s, nxt[i:i + 1]])[None])[0]
-            assert close(first[i], alone[-2]) and close(second[i], alone[-1])
+    check_left_padded_batch(m, close, torch.Generator().manual_seed(5))
 
 
 @pytest.mark.parametrize("case", ["gemma2", "gemma3", "phi3-window"])

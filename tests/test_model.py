@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_hf, to_leanlm
+from conftest import check_left_padded_batch, tiny_hf, to_leanlm
 
 ROPE = {
     "default": None,
@@ -78,22 +78,7 @@ def test_cached_decode_equals_full_forward(kind, over):
 
 def test_left_padded_batch_equals_one_by_one():
     m = to_leanlm(tiny_hf("llama"))
-    seqs = [torch.randint(0, 128, (n,)) for n in (9, 4, 13)]
-    P = 13
-    ids = torch.zeros(3, P, dtype=torch.long)
-    valid = torch.zeros(3, P, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s):] = s
-        valid[i, P - len(s):] = True
-    with torch.no_grad():
-        cache = m.new_cache(3, P + 3, valid=valid)
-        batched = m(ids, cache=cache)[:, -1]
-        nxt = batched.argmax(-1)
-        batched2 = m(nxt[:, None], cache=cache)[:, -1]
-        for i, s in enumerate(seqs):
-            alone = m(torch.cat([s, nxt[i:i + 1]])[None])
-            assert (alone[0, -2] - batched[i]).abs().max() < 1e-4
-            assert (alone[0, -1] - batched2[i]).abs().max() < 1e-4
+    check_left_padded_batch(m, lambda a, b: (a - b).abs().max() < 1e-4)
 
 
 def test_bf16_close_to_fp32():
