@@ -56,8 +56,8 @@ def greedy(model, ids, n, eos=1):
     return out
 
 
-@pytest.fixture(scope="module")
-def server():
+def running_server(api_key: str | None = None):
+    """A tiny-model server on a free local port (a generator: yields its handles, then shuts it down)."""
     from leanlm.serve.app import build_app
     from leanlm.serve.cli import serve_in_thread
     from leanlm.serve.engine_loop import AsyncEngine
@@ -66,13 +66,18 @@ def server():
     eng = Engine(model, block_size=4, num_blocks=128, max_batch_tokens=32, max_num_seqs=8,
                  eos_ids=tuple(tok.eos_ids))
     aeng = AsyncEngine(eng)
-    app = build_app(aeng, tok, NAME, api_key="sekrit")
+    app = build_app(aeng, tok, NAME, api_key=api_key)
     srv, th, url = serve_in_thread(app)
     yield dict(url=url, model=model, tok=tok, eng=eng, aeng=aeng, srv=app.state.server,
-               client=openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0))
+               client=openai.OpenAI(base_url=url + "/v1", api_key=api_key or "x", max_retries=0))
     srv.should_exit = True
     th.join(10)
     aeng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from running_server(api_key="sekrit")
 
 
 def words(tok, ids):

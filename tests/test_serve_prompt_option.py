@@ -1,29 +1,15 @@
 """The server's per-request prompt compression: {"leanlm": {"compress_prompt": rate}}, tokens saved in
 usage, the same answer as sending the compressed prompt yourself, and bad options as 400s."""
 import httpx
-import openai
 import pytest
 
 from leanlm.data.prompt_compress import compress_prompt
-from leanlm.infer.engine import Engine
-from tests.test_serve import NAME, tiny_model, tiny_tokenizer
+from tests.test_serve import NAME, running_server
 
 
 @pytest.fixture(scope="module")
 def server():
-    from leanlm.serve.app import build_app
-    from leanlm.serve.cli import serve_in_thread
-    from leanlm.serve.engine_loop import AsyncEngine
-
-    model, tok = tiny_model(), tiny_tokenizer()
-    eng = Engine(model, block_size=4, num_blocks=128, max_batch_tokens=32, max_num_seqs=8,
-                 eos_ids=tuple(tok.eos_ids))
-    aeng = AsyncEngine(eng)
-    srv, th, url = serve_in_thread(build_app(aeng, tok, NAME))
-    yield dict(url=url, model=model, tok=tok, client=openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0))
-    srv.should_exit = True
-    th.join(10)
-    aeng.shutdown()
+    yield from running_server()
 
 
 CONTEXT = " ".join(f"w{5 + (i * 7) % 90}" for i in range(60))
