@@ -49,7 +49,7 @@ def job(a) -> dict:
     out = {"recipe": a.recipe, "loss": a.loss, "threads": a.threads}
     out["ppl_fp32"] = ppl(model)
     original = copy.deepcopy(model).eval()
-    samples = calibration_samples(tok, a.samples, a.seq_len, seed=0)
+    samples = calibration_samples(tok, a.samples, a.seq_len, path="packaged:prose", seed=0)
     t0 = time.perf_counter()
     apply_recipe(model, load_recipe(a.recipe), samples, progress=False)
     out["compress_s"] = time.perf_counter() - t0

@@ -131,7 +131,7 @@ def prepare_inputs(args, work: Path) -> tuple[Path, Path]:
     check = work / "check.safetensors"
     if not calib.exists() or not check.exists():
         _, tok = leanlm.load(None)
-        ids = calibration_samples(tok, args.samples, args.seq_len, path=args.calib_text, seed=0)
+        ids = calibration_samples(tok, args.samples, args.seq_len, path=args.calib_text or "packaged:prose", seed=0)
         save_file({"input_ids": ids.contiguous()}, str(calib))
         ids = torch.tensor(list(tok.encode(packaged_text("tech"), add_special=False))[:512]).unsqueeze(0)
         save_file({"ids": ids.contiguous()}, str(check))

@@ -62,7 +62,7 @@ def one(args) -> dict:
     out = {"recipe": args.one, "threads": torch.get_num_threads()}
     dense = copy.deepcopy(model) if args.speed_one else None
     if args.one != "dense":
-        samples = calibration_samples(tok, args.calib_n, args.calib_len, seed=0)
+        samples = calibration_samples(tok, args.calib_n, args.calib_len, path="packaged:prose", seed=0)
         t0 = time.perf_counter()
         apply_recipe(model, load_recipe(args.one), samples, progress=False)
         out["compress_s"] = time.perf_counter() - t0
@@ -104,7 +104,7 @@ def speed_all(args) -> dict:
 
     torch.manual_seed(0)
     dense, tok = leanlm.load()
-    samples = calibration_samples(tok, args.calib_n, args.calib_len, seed=0)
+    samples = calibration_samples(tok, args.calib_n, args.calib_len, path="packaged:prose", seed=0)
     models = {"dense": dense}
     for name in filter(None, args.speed_all.split(",")):
         m = copy.deepcopy(dense)

@@ -72,7 +72,7 @@ def one_row(args) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     if name != "fp32":
         recipe = parse_recipe(CUSTOM[name], name) if name in CUSTOM else load_recipe(name)
-        samples = (calibration_samples(tok, args.samples, args.seq_len, seed=0) if recipe.needs_data else None)
+        samples = (calibration_samples(tok, args.samples, args.seq_len, path="packaged:prose", seed=0) if recipe.needs_data else None)
         row["calibration"] = None if samples is None else f"{args.samples}x{args.seq_len}"
         apply_recipe(model, recipe, samples, progress=False)
     row["time_s"] = time.perf_counter() - t0

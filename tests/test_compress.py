@@ -119,6 +119,44 @@ def test_compress_cli(tiny_folder, capsys):
     assert model.model.layers[1].mlp.gate_proj.bits == 4
 
 
+def test_compress_cli_weighted_calib_and_recipe_calib(tiny_folder, capsys):
+    from leanlm.compress import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    a, b = tiny_folder / "a.txt", tiny_folder / "b.txt"
+    a.write_text("the cat sat on the mat. " * 200)
+    b.write_text("def f(x):\n    return x + 1\n" * 200)
+    common = [str(tiny_folder / "base"), "-o", str(tiny_folder / "out"), "--samples", "8", "--seq-len", "16",
+              "--no-eval", "--json"]
+    assert cli.run(p.parse_args(common + ["--recipe", "w4a16-gptq-g32", "--calib", f"{a}=1,{b}=3"])) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["samples"] == [8, 16]
+    assert [(c["source"], c["samples"]) for c in res["calib"]] == [(str(a), 2), (str(b), 6)]
+    recipe = tiny_folder / "r.yaml"
+    recipe.write_text(f"calib: {b}\nsteps:\n  - method: gptq\n    bits: 4\n    group_size: 32\n")
+    assert cli.run(p.parse_args(common + ["--recipe", str(recipe)])) == 0  # the recipe's calibration set
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(c["source"], c["samples"]) for c in res["calib"]] == [(str(b), 8)]
+    assert cli.run(p.parse_args(common + ["--recipe", str(recipe), "--calib", str(a)])) == 0  # --calib wins
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [c["source"] for c in res["calib"]] == [str(a)]
+
+
+def test_compress_cli_bad_calib_stops_before_loading(tmp_path):
+    from leanlm.compress import cli
+    from leanlm.errors import LeanLMError
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    for spec, msg in (("packaged:code=0", "weight must be a positive number"), ("missing.txt", "no such file"),
+                      ("packaged:nope", "no packaged calibration text 'nope'")):
+        args = p.parse_args([str(tmp_path / "no-model"), "--recipe", "w4a16-gptq-g128", "-o", str(tmp_path / "o"),
+                             "--calib", spec])
+        with pytest.raises(LeanLMError, match=msg):  # the model path does not exist: the spec is checked first
+            cli.run(args)
+
+
 def test_load_in_bf16_keeps_stored_quantization_dtypes(tiny_folder):
     """--dtype bfloat16 casts plain weights only; fp16 scales stay as stored (else outputs would drift)."""
     import leanlm

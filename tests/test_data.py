@@ -121,7 +121,7 @@ def test_read_text_not_utf8_and_folder(tmp_path):
 # ---------------------------------------------------------------- calibration_samples
 def test_calibration_samples_come_from_calib_not_eval():
     tok = ByteTok()
-    x = calibration_samples(tok, n=16, seq_len=300, seed=3)
+    x = calibration_samples(tok, n=16, seq_len=300, path="packaged:calib", seed=3)  # the default mix: test_data_calib
     assert x.shape == (16, 300) and x.dtype == torch.long
     calib, ev = packaged_text("calib").encode(), packaged_text("eval").encode()
     starts = set()
@@ -137,7 +137,7 @@ def test_calibration_samples_come_from_calib_not_eval():
 def test_calibration_samples_bpe_contiguous_windows(bpe_tok):
     ids = bpe_tok.encode(packaged_text("calib"))
     assert len(ids) > 20_000  # the packaged text is long enough for typical CPU calibration
-    x = calibration_samples(bpe_tok, n=8, seq_len=128, seed=0)
+    x = calibration_samples(bpe_tok, n=8, seq_len=128, path="packaged:prose", seed=0)
     hay = ",".join(map(str, ids)) + ","
     for row in x.tolist():
         assert ",".join(map(str, row)) + "," in hay

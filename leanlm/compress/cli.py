@@ -20,7 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="built-in name (w4a16-gptq-g128, nf4, w8a8-smoothquant, ... or w{bits}a16-{method}-g{size}) "
                         "or a YAML file")
     p.add_argument("-o", "--output", required=True, help="output model folder")
-    p.add_argument("--calib", default=None, help="calibration text (.txt/.jsonl); default: packaged calibration text")
+    p.add_argument("--calib", default=None, metavar="SPEC",
+                   help="calibration set: SOURCE[=WEIGHT][,SOURCE[=WEIGHT]...], SOURCE a .txt/.jsonl file or "
+                        "packaged:prose|code|docs|chat|mix, e.g. packaged:prose=0.4,mine.jsonl=0.6 "
+                        "(default: the recipe file's calib:, else packaged:mix, the packaged mix)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--seed", type=int, default=0)
@@ -49,12 +52,17 @@ def measure(model, tok, text: str | None, ctx: int, decode_tokens: int = 32) -> 
     return out
 
 
+def calib_spec(args, recipe) -> str | None:
+    """--calib, else the recipe file's `calib:`, else None (the packaged default mix)."""
+    return args.calib if args.calib is not None else recipe.calib
+
+
 def load_samples(args, tok, recipe):
     if not recipe.needs_data:
         return None
     from leanlm.data import calibration_samples
 
-    return calibration_samples(tok, args.samples, args.seq_len, path=args.calib, seed=args.seed)
+    return calibration_samples(tok, args.samples, args.seq_len, path=calib_spec(args, recipe), seed=args.seed)
 
 
 def run(args) -> int:
@@ -70,6 +78,11 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)
+    plan = None
+    if recipe.needs_data:  # a bad calibration spec stops before any work
+        from leanlm.data import calibration_plan
+
+        plan = calibration_plan(calib_spec(args, recipe), args.samples)
     model, tok = leanlm.load(args.model, dtype=torch.float32)
     resolve(recipe, model)  # every step checked before any work
     out = Path(args.output)
@@ -109,5 +122,6 @@ def run(args) -> int:
     if args.json:
         emit_json({"recipe": args.recipe, "output": str(out), "before": before, "after": after, "time_s": took,
                    "peak_rss_mb": peak_rss_mb(), "samples": None if samples is None else list(samples.shape),
+                   "calib": plan,
                    "eval_chars": None if text is None else len(text)})
     return 0

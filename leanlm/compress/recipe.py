@@ -9,7 +9,9 @@
       group_size: 0
       targets: ['layers\\.(0|29)\\.']
 
-A file may also be a mapping with a `steps:` list. Methods come from plain dicts:
+A file may also be a mapping with a `steps:` list, and then may name its calibration set with
+`calib: SPEC` (leanlm/data/calib.py's syntax, e.g. `packaged:mix` or `packaged:code=0.5,mine.jsonl=0.5`;
+file paths relative to the working directory); `leanlm compress --calib` overrides it. Methods come from plain dicts:
 `leanlm.compress.quant.METHODS`, `leanlm.compress.prune.METHODS` and
 `leanlm.compress.lowrank.METHODS`; each maps a name to `(ConfigDataclass, how)` where `how` is a
 `calibrate.Method` (run block by block by the one runner) or a callable
@@ -55,6 +57,7 @@ class RawStep:
 class Recipe:
     source: str
     steps: list[RawStep]
+    calib: str | None = None  # calibration spec named by the recipe file (None: the caller's / the default)
 
     @property
     def needs_data(self) -> bool:
@@ -99,7 +102,8 @@ def load_recipe(name_or_path: str) -> Recipe:
     if name_or_path.endswith("+distill"):
         base = load_recipe(name_or_path[: -len("+distill")])
         line = max((s.line for s in base.steps), default=0) + 1
-        return Recipe(f"{base.source} + distill", base.steps + [RawStep("distill", {}, list(DEFAULT_TARGETS), [], line)])
+        return Recipe(f"{base.source} + distill", base.steps + [RawStep("distill", {}, list(DEFAULT_TARGETS), [], line)],
+                      base.calib)
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
@@ -126,8 +130,14 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise LeanLMError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the recipe")
+    calib = None
     if isinstance(data, dict) and "steps" in data:
         node = next(v for k, v in root.value if k.value == "steps")
+        calib = data.get("calib")
+        if calib is not None and (not isinstance(calib, str) or not calib.strip()):
+            line = next(k.start_mark.line + 1 for k, _ in root.value if k.value == "calib")
+            raise LeanLMError(f"{source}:{line}: calib must be a calibration spec string, e.g. "
+                              "'packaged:mix' or 'packaged:code=0.5,mine.jsonl=0.5'")
         data = data["steps"]
     else:
         node = root
@@ -157,7 +167,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
                 ignore = val
         fields = {k: v for k, v in item.items() if k not in RESERVED}
         steps.append(RawStep(str(item["method"]), fields, targets, ignore, line, field_lines))
-    return Recipe(source, steps)
+    return Recipe(source, steps, calib)
 
 
 def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:

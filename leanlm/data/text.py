@@ -1,9 +1,10 @@
 """Text for evaluation and calibration: the packaged texts, user .txt / .jsonl files, calibration windows.
 
 The packaged evaluation texts (Austen; "tech": Python's HOWTO documentation, a held-out technical
-text out of the calibration domain) and the calibration text (Shakespeare + KJV Genesis) come from
-different works (texts/SOURCES.md), and `calibration_samples` refuses the evaluation texts, so a
-compression method never calibrates on what it is measured on.
+text) and the calibration texts (the mix of leanlm/data/calib.py: Shakespeare + KJV Genesis, Python
+standard-library code, libjpeg/zlib/xz documentation, chat turns) come from different works
+(texts/SOURCES.md), and calibration refuses the evaluation texts, so a compression method never
+calibrates on what it is measured on.
 """
 from __future__ import annotations
 
@@ -110,34 +111,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def calibration_samples(tokenizer, n: int, seq_len: int, path: str | Path | None = None,
                         seed: int = 0) -> torch.Tensor:
-    """`n` random windows of `seq_len` token ids from the calibration text: LongTensor [n, seq_len].
+    """`n` windows of `seq_len` token ids from a calibration spec; see leanlm.data.calib (default: the mix)."""
+    from leanlm.data.calib import calibration_samples as draw
 
-    The text is the packaged calibration text, or the user's .txt / .jsonl file at `path` (never the
-    packaged evaluation text). It is tokenised once without special tokens. When the text holds at
-    least `n` disjoint windows, the windows are disjoint (random slots of a grid with a random
-    offset); otherwise they are independent random windows and overlap. Same seed, same samples.
-    """
-    if n < 1 or seq_len < 1:
-        raise LeanLMError(f"calibration needs n >= 1 samples of seq_len >= 1 tokens (got n={n}, seq_len={seq_len})")
-    if path is None:
-        source, text = "packaged calibration text", packaged_text("calib")
-    else:
-        for held_out in HELD_OUT:
-            eval_path = TEXTS_DIR / PACKAGED[held_out]
-            if eval_path.exists() and Path(path).exists() and Path(path).resolve() == eval_path.resolve():
-                raise LeanLMError(f"{path}: is leanlm's evaluation text; calibrating on it would leak into the "
-                                  "evaluation; give another text (or none for the packaged calibration text)")
-        source, text = str(path), read_text(path)
-    ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
-    total = ids.numel()
-    if total < seq_len:
-        raise LeanLMError(f"{source}: has {total} tokens, fewer than seq_len={seq_len}; give a longer text "
-                          "or a shorter sequence length")
-    g = torch.Generator().manual_seed(seed)
-    slots = total // seq_len
-    if n <= slots:
-        offset = int(torch.randint(0, total - slots * seq_len + 1, (1,), generator=g))
-        starts = offset + torch.randperm(slots, generator=g)[:n] * seq_len
-    else:
-        starts = torch.randint(0, total - seq_len + 1, (n,), generator=g)
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    return draw(tokenizer, n, seq_len, path=path, seed=seed)
