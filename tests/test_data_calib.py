@@ -157,5 +157,5 @@ def test_recipe_file_names_its_calibration_set(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("calib: packaged:docs\nsteps:\n  - method: gptq\n")
     assert load_recipe(f"{f}+distill").calib == "packaged:docs"
-    with pytest.raises(LeanLMError, match=r"<recipe>:2: calib must be a calibration spec string"):
+    with pytest.raises(LeanLMError, match=r"<recipe>:3: calib must be a calibration spec string"):
         parse_recipe("steps:\n  - method: rtn\ncalib: [a, b]\n")
