@@ -5,7 +5,14 @@ from fractions import Fraction
 import pytest
 import torch
 
-from leanlm.data import DEFAULT_MIX, calibration_plan, calibration_samples, packaged_path, parse_calib, read_text
+from leanlm.data import (
+    DEFAULT_MIX,
+    calibration_plan,
+    calibration_samples,
+    packaged_path,
+    parse_calib,
+    read_text,
+)
 from leanlm.data.calib import PARTS, TEXTS_DIR, allocate
 from leanlm.errors import LeanLMError
 

@@ -25,8 +25,16 @@ from pathlib import Path
 
 import torch
 
-from leanlm.data.text import (HELD_OUT, PACKAGED, TEXTS_DIR, _content_text, _encode, read_text, read_texts,
-                              record_text)
+from leanlm.data.text import (
+    HELD_OUT,
+    PACKAGED,
+    TEXTS_DIR,
+    _content_text,
+    _encode,
+    read_text,
+    read_texts,
+    record_text,
+)
 from leanlm.errors import LeanLMError
 
 PARTS = {"prose": "calib.txt", "calib": "calib.txt", "code": "code.txt", "docs": "docs.txt", "chat": "chat.jsonl"}
@@ -109,7 +117,7 @@ def allocate(n: int, weights: list[float]) -> list[int]:
     """Split n windows in proportion to weights (largest remainder; ties to the earlier source)."""
     total = sum(weights)
     exact = [n * w / total for w in weights]
-    counts = [int(math.floor(e)) for e in exact]
+    counts = [math.floor(e) for e in exact]
     order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in order[: n - sum(counts)]:
         counts[i] += 1
