@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-chars", type=int, default=12_000)
+    ap.add_argument("--ppl-max-tokens", type=int, default=256, help="tokens scored per pool record by the "
+                    "perplexity filter")
     ap.add_argument("--methods", default="dsir,perplexity,random")
     ap.add_argument("--select-only", action="store_true", help="only the selections' domain shares (no model)")
     ap.add_argument("--json", action="store_true")
@@ -108,6 +110,7 @@ def main():
     model, tok = leanlm.load()
     base_ppl = perplexity(model, tok, held, ctx=256, stride=128, progress=False)["perplexity"]
     rows = [{"method": "base (no training)", "target_ppl": base_ppl}]
+    print(json.dumps(rows[-1]), flush=True)
     texts = [r["text"] for r in pool]
     ntok = [len(tok.encode(t, add_special=False)) for t in texts]
     t0 = time.perf_counter()
@@ -118,11 +121,11 @@ def main():
     dsir_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if "perplexity" in args.methods:
-        ppl = PerplexityScorer(model, tok, max_tokens=256, batch_size=8)(texts)
+        ppl = PerplexityScorer(model, tok, max_tokens=args.ppl_max_tokens, batch_size=8)(texts)
         orders["perplexity"] = sorted(range(len(texts)), key=lambda i: ppl[i])
     ppl_s = time.perf_counter() - t0
+    print(json.dumps({"dsir_s": dsir_s, "perplexity_scoring_s": ppl_s}), flush=True)
     orders["random"] = random.Random(0).sample(range(len(texts)), len(texts))
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
     for method in args.methods.split(","):
         picked, have = [], 0
         for i in orders[method]:
@@ -145,7 +148,6 @@ def main():
                      "select_s": dsir_s if method == "dsir" else ppl_s if method == "perplexity" else 0.0,
                      "train_s": train_s, "last_loss": res.losses[-1], "target_ppl": after})
         print(json.dumps(rows[-1]), flush=True)
-    del base_state
     from leanlm.report import print_table
 
     print_table(f"DSIR toward tech ({len(pool)} pool records, {args.steps} LoRA steps)", rows)
