@@ -1,7 +1,7 @@
 """Instruction selection benchmark: LoRA on the top 10% of an instruction set by IFD, on a random 10%,
 and on all of it; accuracy on held-back items and training time.
 
-    PYTHONPATH=. python benchmarks/data_ifd.py --threads 1 --pool 300 --test 120 --steps-full 75 --json
+    PYTHONPATH=. python benchmarks/data_ifd.py --threads 1 --pool 160 --test 42 --steps-full 40 --json
 
 Data (built here from fixed seeds and the packaged texts; nothing else): a mixed instruction set of six
 kinds of short tasks of different difficulty for a 135M model, generated in turn (about equal shares):

@@ -122,8 +122,10 @@ def test_bad_input_errors(models, tok, tmp_path, capsys):  # noqa: F811
     bad = tmp_path / "b.txt"
     bad.write_bytes(b"caf\xe9\n")
     assert main(["prompt", "compress", str(bad)]) == 2
+    assert main(["prompt", "compress", str(f), "--contrastive"]) == 2  # no question to contrast with
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(e.startswith("leanlm: error: ") for e in err)
+    assert len(err) == 3 and all(e.startswith("leanlm: error: ") for e in err)
+    assert "give a question" in err[2]
 
 
 @pytest.mark.slow
