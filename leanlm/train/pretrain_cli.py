@@ -38,7 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="cosine", choices=list(SCHEDULES))
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--init", default="normal", choices=list(INITS))
+    p.add_argument("--init", default="normal", choices=list(INITS),
+                   help="rezero: a learnable gate at 0 on every residual branch (folded into the output "
+                        "projections when the model is saved, so OUT/model is a plain checkpoint)")
+    p.add_argument("--mup-base-width", type=int, default=None, metavar="N",
+                   help="muP learning rates: hidden matrices train at lr x N / hidden_size (tune lr at width N, "
+                        "reuse it at any width); embedding, head and 1-D parameters keep lr")
     p.add_argument("--convert", default=None, metavar="moe:EXPERTSxK|mqa:KV|grow:depth|grow:width",
                    help="convert the starting model before training: sparse upcycling into a MoE (e.g. moe:8x2), "
                         "GQA -> fewer KV heads by mean-pooling (mqa:1), or function-preserving growth")
@@ -176,6 +181,13 @@ def run(args) -> int:
     model, source = _model(args, tok)
     n_params = model.num_parameters()
     distributed.shard(model, bf16=args.bf16 and world > 1)
+    if args.mup_base_width is not None:
+        from leanlm.train.pretrain import MUP_OPTIMIZERS, apply_mup
+
+        if args.optimizer not in MUP_OPTIMIZERS:
+            raise LeanLMError(f"--mup-base-width applies to {', '.join(MUP_OPTIMIZERS)} (Muon and Adam-mini set "
+                              "their own per-matrix scales)")
+        apply_mup(model, args.mup_base_width)
     out = Path(args.output)
     cfg = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
@@ -210,6 +222,8 @@ def run(args) -> int:
             plain = new_model(model.config)
             plain.load_state_dict(state)
             model = plain
+        if model.config.residual_gates:  # the saved model is a plain checkpoint of its family
+            model.fold_residual_gates()
         leanlm.save(model, tok, out / "model")
         log = out / "log.jsonl"
         if log.exists():
