@@ -232,6 +232,8 @@ def test_pretrain_cli_trains_saves_and_plots(tmp_path, default_model):
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "eval_loss" in log[1]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    ck = json.loads((out / "step-0000004" / "state.json").read_text())  # the last step's sharded checkpoint
+    assert ck["format"] == "leanlm-sharded-1" and ck["world_size"] == 1 and ck["step"] == 4
     model, _ = leanlm.load(out / "model")
     assert model.config.hidden_size == 128
     with pytest.raises(SystemExit):
@@ -364,3 +366,73 @@ def collate_rows(rows):
     from leanlm.train.loop import collate
 
     return collate(rows, 0)
+
+
+# ---------------------------------------------------------------- sharded checkpoints across world sizes
+class _Crash(Exception):
+    pass
+
+
+def _train_ck(out, steps=4, crash_at=None, resume=False):
+    """A ReZero model (its [1]-shaped gates shard too) trained with AdamW under a cosine schedule, sharded
+    checkpoints every 2 steps; crash_at: stop right after that step (after its checkpoint)."""
+    torch.manual_seed(0)
+    m = randomized(tiny_cfg(residual_gates=True))
+    for p in m.parameters():
+        p.requires_grad_(True)
+    from leanlm.train import distributed
+
+    distributed.shard(m)
+    cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, progress=False, save_every=2,
+                      checkpoint_format="sharded", out_dir=None if out is None else str(out))
+
+    def cb(step, loss):
+        if step == crash_at:
+            raise _Crash()
+    try:
+        return train(m, _data(), cfg, loss_fn=_loss, resume=resume, callback=cb).losses
+    except _Crash:
+        return None
+
+
+def _resume_worker(rank, port, two_save, one_save, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        _train_ck(two_save, crash_at=2)  # 2 processes save at step 2
+        losses = _train_ck(one_save, resume=True)  # 2 processes resume what 1 process saved
+        if rank == 0:
+            out.write_text(json.dumps(losses))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_checkpoints_resume_at_another_world_size(tmp_path):
+    from leanlm.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    whole = _train_ck(None)  # uninterrupted, one process
+    one_save, two_save, out = tmp_path / "one", tmp_path / "two", tmp_path / "losses.json"
+    assert _train_ck(one_save, crash_at=2) is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_resume_worker, args=(port, two_save, one_save, out), nprocs=2, join=True)
+    ck = latest_checkpoint(two_save)
+    manifest = json.loads((ck / "state.json").read_text())
+    assert manifest["world_size"] == 2 and len(manifest["files"]) == 2  # each rank wrote its own shards
+    assert not list(ck.rglob(".metadata"))  # no pickle in the folder
+    two_to_one = _train_ck(two_save, resume=True)
+    one_to_two = json.loads(out.read_text())
+    assert two_to_one == pytest.approx(whole[2:], abs=1e-5)
+    assert one_to_two == pytest.approx(whole[2:], abs=1e-5)
+    # a folder that is not leanlm's, or incomplete, is refused before anything is read
+    m = randomized(tiny_cfg(residual_gates=True))
+    opt = torch.optim.AdamW(m.parameters())
+    (ck / "dcp" / manifest["files"][1]).unlink()
+    with pytest.raises(LeanLMError, match="incomplete or not leanlm's"):
+        load_checkpoint(ck, m, opt)
+    (ck / "state.json").write_text(json.dumps({**manifest, "format": "dcp"}))
+    with pytest.raises(LeanLMError, match="only checkpoints leanlm wrote"):
+        load_checkpoint(ck, m, opt)

@@ -3,9 +3,11 @@
 CONFIG is a built-in shape (tiny, small, medium, smollm2-135m), a config.json, or a model folder (its
 weights are the starting point). Text is tokenized with the default model's tokenizer (or --tokenizer /
 the folder's), packed into rows of --seq-len tokens with a held-out validation split, and trained by the one
-loop (progress, checkpoints with exact resume, log.jsonl). OUT gets the model folder (OUT/model), the loss
-curve (OUT/loss.png) and log.jsonl. Under `torchrun --nproc_per_node N -m leanlm pretrain ...` the same
-command shards the model with FSDP2 and splits the global --batch-size over the processes.
+loop (progress, log.jsonl, sharded checkpoints through torch.distributed.checkpoint with exact resume at
+any number of processes: `--resume` continues on 1 process a run saved by 2, or the reverse). OUT gets
+the model folder (OUT/model), the loss curve (OUT/loss.png) and log.jsonl. Under
+`torchrun --nproc_per_node N -m leanlm pretrain ...` the same command shards the model with FSDP2 and
+splits the global --batch-size over the processes.
 """
 from __future__ import annotations
 
@@ -193,7 +195,7 @@ def run(args) -> int:
                       weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                       warmup_steps=args.warmup, bf16=args.bf16 and world == 1,
                       grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every,
-                      save_every=args.save_every if world == 1 else 0, out_dir=str(out), seed=args.seed,
+                      save_every=args.save_every, checkpoint_format="sharded", out_dir=str(out), seed=args.seed,
                       progress=not args.no_progress and not args.json, pad_id=0)
     t0 = time.perf_counter()
     loss_fn = full_sequence_loss
