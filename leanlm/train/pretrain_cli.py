@@ -208,10 +208,12 @@ def run(args) -> int:
     val = evaluate_loss(model, val_rows, args.batch_size) if world == 1 else distributed.mean_over_ranks(
         evaluate_loss(model, val_rows[rank::world] or val_rows, max(1, args.batch_size // world)))
     state = distributed.full_state_dict(model) if world > 1 else None
+    rss = distributed.from_every_rank(res.peak_rss_mb)
     result = {"model": args.model, "source": source, "params": n_params, "optimizer": args.optimizer,
               "steps": res.steps, "processes": world, "train_rows": len(train_rows), "val_rows": len(val_rows),
               "seq_len": args.seq_len, "tokens_per_s": round(res.tokens_per_s * world, 1),
-              "seconds": round(wall, 1), "peak_rss_mb": round(res.peak_rss_mb, 1),
+              "seconds": round(wall, 1), "peak_rss_mb": round(max(rss), 1),
+              "peak_rss_mb_per_process": [round(r, 1) for r in rss],
               "first_loss": res.losses[0] if res.losses else None,
               "final_loss": res.losses[-1] if res.losses else None, "val_loss": round(val, 6),
               "output": str(out)}
