@@ -138,7 +138,8 @@ def uptrain(a):
         print(json.dumps(r), flush=True)
         with open(a.out, "a") as f:
             f.write(json.dumps(r) + "\n")
-    row("default (GQA 9/3)", model)
+    if not a.no_base:
+        row("default (GQA 9/3)", model)
     t0 = time.perf_counter()
     if a.which == "mqa":
         model = to_mqa(model, 1)
@@ -168,6 +169,7 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--chars", type=int, default=20000)
     ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--no-base", action="store_true", help="mqa/moe: skip the unconverted model's row")
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="pretrain-bench.jsonl")
