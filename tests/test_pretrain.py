@@ -373,7 +373,7 @@ class _Crash(Exception):
     pass
 
 
-def _train_ck(out, steps=4, crash_at=None, resume=False):
+def _train_ck(out, steps=4, crash_at=None, resume=False, fmt="sharded"):
     """A ReZero model (its [1]-shaped gates shard too) trained with AdamW under a cosine schedule, sharded
     checkpoints every 2 steps; crash_at: stop right after that step (after its checkpoint)."""
     torch.manual_seed(0)
@@ -384,7 +384,7 @@ def _train_ck(out, steps=4, crash_at=None, resume=False):
 
     distributed.shard(m)
     cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, progress=False, save_every=2,
-                      checkpoint_format="sharded", out_dir=None if out is None else str(out))
+                      checkpoint_format=fmt, out_dir=None if out is None else str(out))
 
     def cb(step, loss):
         if step == crash_at:
@@ -395,7 +395,7 @@ def _train_ck(out, steps=4, crash_at=None, resume=False):
         return None
 
 
-def _resume_worker(rank, port, two_save, one_save, out):
+def _resume_worker(rank, port, two_save, one_save, plain_save, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -403,8 +403,9 @@ def _resume_worker(rank, port, two_save, one_save, out):
     try:
         _train_ck(two_save, crash_at=2)  # 2 processes save at step 2
         losses = _train_ck(one_save, resume=True)  # 2 processes resume what 1 process saved
+        plain = _train_ck(plain_save, resume=True)  # ... and a one-process checkpoint of the plain format
         if rank == 0:
-            out.write_text(json.dumps(losses))
+            out.write_text(json.dumps([losses, plain]))
     finally:
         dist.destroy_process_group()
 
@@ -415,18 +416,20 @@ def test_sharded_checkpoints_resume_at_another_world_size(tmp_path):
     whole = _train_ck(None)  # uninterrupted, one process
     one_save, two_save, out = tmp_path / "one", tmp_path / "two", tmp_path / "losses.json"
     assert _train_ck(one_save, crash_at=2) is None
+    assert _train_ck(tmp_path / "plain", crash_at=2, fmt="plain") is None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_resume_worker, args=(port, two_save, one_save, out), nprocs=2, join=True)
+    mp.spawn(_resume_worker, args=(port, two_save, one_save, tmp_path / "plain", out), nprocs=2, join=True)
     ck = latest_checkpoint(two_save)
     manifest = json.loads((ck / "state.json").read_text())
     assert manifest["world_size"] == 2 and len(manifest["files"]) == 2  # each rank wrote its own shards
     assert not list(ck.rglob(".metadata"))  # no pickle in the folder
     two_to_one = _train_ck(two_save, resume=True)
-    one_to_two = json.loads(out.read_text())
+    one_to_two, plain_to_two = json.loads(out.read_text())
     assert two_to_one == pytest.approx(whole[2:], abs=1e-5)
     assert one_to_two == pytest.approx(whole[2:], abs=1e-5)
+    assert plain_to_two == pytest.approx(whole[2:], abs=1e-5)
     # a folder that is not leanlm's, or incomplete, is refused before anything is read
     m = randomized(tiny_cfg(residual_gates=True))
     opt = torch.optim.AdamW(m.parameters())
