@@ -374,8 +374,8 @@ class _Crash(Exception):
 
 
 def _train_ck(out, steps=4, crash_at=None, resume=False, fmt="sharded"):
-    """A ReZero model (its [1]-shaped gates shard too) trained with AdamW under a cosine schedule, sharded
-    checkpoints every 2 steps; crash_at: stop right after that step (after its checkpoint)."""
+    """A ReZero model (its [1]-shaped gates shard too) trained with AdamW under a cosine schedule, evaluated
+    and checkpointed every 2 steps; crash_at: stop right after that step (after its checkpoint)."""
     torch.manual_seed(0)
     m = randomized(tiny_cfg(residual_gates=True))
     for p in m.parameters():
@@ -384,13 +384,14 @@ def _train_ck(out, steps=4, crash_at=None, resume=False, fmt="sharded"):
 
     distributed.shard(m)
     cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, progress=False, save_every=2,
-                      checkpoint_format=fmt, out_dir=None if out is None else str(out))
+                      eval_every=2, checkpoint_format=fmt, out_dir=None if out is None else str(out))
 
     def cb(step, loss):
         if step == crash_at:
             raise _Crash()
     try:
-        return train(m, _data(), cfg, loss_fn=_loss, resume=resume, callback=cb).losses
+        # an evaluation right before each save: FSDP2 leaves the root's parameters gathered after it
+        return train(m, _data(), cfg, eval_data=_data(2, seed=1), loss_fn=_loss, resume=resume, callback=cb).losses
     except _Crash:
         return None
 

@@ -65,6 +65,7 @@ def save_sharded_checkpoint(folder: str | Path, model, optimizer, state: dict, k
 
     rank, world, barrier = _dist()
     folder = Path(folder)
+    _resharded(model)
     params = trainable_named(model)
     opt_tensors, opt_scalars, groups = optimizer_parts(optimizer, params)
     flat = _flat(params, opt_tensors)
@@ -98,6 +99,13 @@ def save_sharded_checkpoint(folder: str | Path, model, optimizer, state: dict, k
             shutil.rmtree(o, ignore_errors=True)
     barrier()
     return path
+
+
+def _resharded(model) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward (an evaluation before the save): their
+    gathered copies are not the sharded parameters the optimizer holds. Reshard first."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def _materialize_state(optimizer, params: dict) -> None:
@@ -138,6 +146,7 @@ def load_sharded_checkpoint(path: str | Path, model, optimizer) -> dict:
     if files != state.get("files"):
         raise LeanLMError(f"{path}: the shard files ({len(files)}) differ from the manifest's "
                           f"({len(state.get('files') or [])}); the checkpoint is incomplete or not leanlm's")
+    _resharded(model)
     params = trainable_named(model)
     if set(state["optimizer_scalars"]) or any(k.startswith("optim/") for k in state["tensors"]):
         _materialize_state(optimizer, params)
