@@ -1,8 +1,8 @@
 """Adapters between leanlm's linears and the ones transformers holds fused (what peft adapters name).
 
-leanlm splits Phi-3's fused `qkv_proj` / `gate_up_proj` into q, k, v / gate, up, and holds each MoE
+leanlm splits Phi-3's fused q/k/v and gate/up linears into separate ones, and holds each MoE
 expert as its own gate/up/down linears; transformers 5 keeps the fused linears, stores the experts as
-two 3-D parameters (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) and the router
+two 3-D parameters (gate and up stacked [E, 2I, H], down [E, H, I]) and the router
 as a bare weight, which peft 0.21 adapts through `target_parameters`. The layout says which is which
 (`leanlm.model.layout.hf_linears`); this file moves adapter tensors across, exactly:
 
@@ -42,6 +42,22 @@ def _module_of(key: str) -> str:
         if key.endswith(suffix):
             return key[len(PREFIX):-len(suffix)]
     raise LeanLMError(f"adapter tensor {key}: not a LoRA, DoRA or (IA)3 tensor")
+
+
+class _Rows(dict):
+    """Output rows of a model's linears by name, through any adapter or quantized wrapper."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, name: str) -> int:
+        from leanlm.peft.lora import base_weight
+
+        m = self.model.get_submodule(name)
+        m = getattr(m, "base_layer", m)
+        self[name] = n = m.out_features if hasattr(m, "out_features") else base_weight(m).shape[0]
+        return n
 
 
 def _same(a: float, b: float) -> bool:
@@ -86,7 +102,7 @@ def from_transformers(model, d: dict, tensors: dict) -> tuple[dict, dict]:
     kind = d.get("peft_type")
     if not fused or kind not in ("LORA", "IA3"):
         return d, tensors
-    sizes = {n: m.out_features for n, m in model.named_modules() if hasattr(m, "out_features")}
+    sizes = _Rows(model)
     params = {(f.name, f.param) for f in fused if f.param is not None
               and _is_target(f"{f.name}.{f.param}", d.get("target_parameters"))}
     prefixes = _param_prefixes(fused, params)
@@ -96,9 +112,9 @@ def from_transformers(model, d: dict, tensors: dict) -> tuple[dict, dict]:
     base_r, base_alpha = d.get("r", 8), d.get("lora_alpha", 8)
 
     for f in fused:
-        head = PREFIX + (prefixes.get((f.name, f.param)) if f.param is not None else f.name)
         if f.param is not None and (f.name, f.param) not in params:
             continue
+        head = PREFIX + (prefixes[(f.name, f.param)] if f.param is not None else f.name)
         if kind == "IA3":
             t = tensors.pop(head + ".ia3_l", None)
             if t is None:
@@ -229,7 +245,7 @@ def to_transformers(model, conf: dict, tensors: dict) -> tuple[dict, dict]:
     from leanlm.peft.ia3 import IA3Linear
     from leanlm.peft.lora import LoraLinear
 
-    sizes = {n: m.out_features for n, m in model.named_modules() if hasattr(m, "out_features")}
+    sizes = _Rows(model)
     adapted = {n: m for n, m in model.named_modules() if isinstance(m, (LoraLinear, IA3Linear))}
     rslora = bool(conf.get("use_rslora"))
     tensors = dict(tensors)
@@ -288,7 +304,7 @@ def to_transformers(model, conf: dict, tensors: dict) -> tuple[dict, dict]:
             continue
         name, param, what = k
         head = PREFIX + (prefixes[(name, param)] if param is not None else name)
-        final[head + {"A": ".lora_A.weight", "B": ".lora_B.weight", "M": ".lora_magnitude_vector"}[what]] = v
+        final[head + {"A": ".lora_A.weight", "B": ".lora_B.weight", "M": ".lora_magnitude_vector"}[what]] = v.float()
     # modules transformers holds as leanlm does keep their names
     for k, v in tensors.items():
         final[k] = v
