@@ -29,6 +29,7 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.model.layout import HFLinear, hf_linears
+from leanlm.peft.lora import matches
 
 PREFIX = "base_model.model."
 
@@ -154,7 +155,8 @@ def from_transformers(model, d: dict, tensors: dict) -> tuple[dict, dict]:
         if k.endswith(".lora_A.weight"):
             name = k[len(PREFIX):-len(".lora_A.weight")]
             ranks[name], alphas[name] = t.shape[0], _pattern(d.get("alpha_pattern"), name, base_alpha)
-        elif k.endswith(".ia3_l") and t.shape[0] == 1:
+        elif k.endswith(".ia3_l") and t.shape[0] == 1 and (t.shape[1] > 1 or matches(
+                _module_of(k), d.get("feedforward_modules") or [])):  # [1, in]: a feed-forward (input) scale
             feedforward.append(_module_of(k))
     out.update(tensors)
     names = sorted({_module_of(k) for k in out})
