@@ -204,8 +204,8 @@ def test_lora_on_experts_trains_and_merges(mixtral):
 
 
 def test_lora_adapter_loads_in_peft_outside_experts(tmp_path):
-    """peft 0.21 on transformers 5 puts LoRA on the fused 3-D expert tensors (one A shared by gate and
-    up), which leanlm's per-expert linears do not map onto; attention and the shared expert interchange."""
+    """Attention and the shared expert keep their names in peft's format (experts and routers, which
+    transformers holds as fused parameters, are tests/test_peft_families.py's)."""
     import peft
 
     from leanlm.peft.io import save_adapter
