@@ -80,9 +80,12 @@ _SET_BY_US: list = []  # the TORCHINDUCTOR_CACHE_DIR value leanlm set, if any
 
 def _use_cache_dir() -> Path | None:
     """Point inductor at leanlm's cache (None: the user chose another with TORCHINDUCTOR_CACHE_DIR)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     d = compile_cache_dir()
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen and chosen not in _SET_BY_US:
+    # inductor writes its default into the environment itself: only another value is the user's choice
+    if chosen and chosen not in _SET_BY_US and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return None
     d.mkdir(parents=True, exist_ok=True)
     if chosen and chosen != str(d):  # LEANLM_CACHE moved within the process: forget what the old dir held
