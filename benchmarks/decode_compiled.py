@@ -84,8 +84,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import leanlm
     from decode import read_bandwidth_gb_s
+
+    import leanlm
     from leanlm.eval.bench import is_compiled, time_decode, weight_bytes_per_token
     from leanlm.eval.describe import model_bytes
     from leanlm.report import emit_json, print_table

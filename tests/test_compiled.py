@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_hf, to_leanlm
+
 from leanlm.compress.recipe import apply_recipe, load_recipe
 from leanlm.infer import compiled
 from leanlm.infer.generate import generate_tokens

@@ -56,9 +56,8 @@ def compile_disabled_by_env() -> bool:
 @functools.cache
 def _code_hash() -> str:
     """leanlm's model, RoPE and quantized-kernel code and this file: a change makes a new cache."""
-    import leanlm.compress.quant.qlinear as qlinear
-    import leanlm.model.rope as rope
-    import leanlm.model.transformer as transformer
+    from leanlm.compress.quant import qlinear
+    from leanlm.model import rope, transformer
 
     h = hashlib.sha256()
     for mod in (transformer, rope, qlinear, sys.modules[__name__]):
@@ -182,7 +181,7 @@ class CompiledDecoder:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {cache.length + 1}")
         try:
             logits = self._compiled()(model, ids, slot, self._valid_of(cache), cache.k, cache.v)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: decode eagerly
+        except Exception as e:  # any compiler failure: decode eagerly (below)
             if key in self._warm:
                 raise  # it compiled and ran before: a real error, not a compiler problem
             if self._cache_used and not self._retried and self._clear_cache():
@@ -213,7 +212,7 @@ class CompiledDecoder:
         print(f"leanlm: compiled decode unavailable ({self.failed}); decoding eagerly", file=sys.stderr)
 
 
-_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compile_unsupported(model, kv_bits=None) -> str | None:
