@@ -55,6 +55,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4, 2], help="quantized KV cache")
+    add_compile_arg(p)
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps through torch.compile (--no-compile: eagerly; default: compiled where it "
+                        "pays: models of 50M+ parameters, and generations of 256+ tokens or once compiled)")
 
 
 def generation_config(args):
@@ -66,7 +73,8 @@ def generation_config(args):
         raise LeanLMError("--top-p must be in (0, 1]")
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop_strings=list(args.stop), kv_bits=getattr(args, "kv_bits", None))
+                            stop_strings=list(args.stop), kv_bits=getattr(args, "kv_bits", None),
+                            compile=getattr(args, "compile", None))
 
 
 # ---------------------------------------------------------------- info
@@ -222,7 +230,8 @@ def cmd_bench(args) -> int:
                                 new_tokens=args.new_tokens)
     else:
         res = bench(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
-                    repeats=args.repeats, prefill_len=args.prefill_len)
+                    repeats=args.repeats, prefill_len=args.prefill_len,
+                    compile=args.compile)
     res["model"] = args.model or "default (SmolLM2-135M-Instruct, from Q4_1 GGUF)"
     show("speed", res, args.json)
     return 0
@@ -290,6 +299,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="measure the batching engine at N requests")
     p.add_argument("--draft", default=None, help="compare speculative decoding with this draft model, or 'q4'")
     p.add_argument("--prompt-lookup", action="store_true", help="compare speculative decoding by prompt lookup")
+    add_compile_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -177,8 +177,11 @@ def fused_weight(owner: nn.Module, name: str, mods: tuple):
         return None
     fn, types, ptrs, dtype = fused
     keys = [_key_tensor(m) for m in mods]
-    if (tuple(type(m) for m in mods) != types or any(k is None for k in keys)
-            or tuple(k.data_ptr() for k in keys) != ptrs or keys[0].dtype != dtype):
+    # A compiled step cannot read storage addresses; it was traced right after an eager check (and the
+    # compiled decoder re-checks eagerly before every generation).
+    moved = not torch.compiler.is_compiling() and tuple(k.data_ptr() for k in keys) != ptrs
+    if (tuple(type(m) for m in mods) != types or any(k is None for k in keys) or moved
+            or keys[0].dtype != dtype):
         del owner.__dict__[name]  # stale: free it
         return None
     if torch.is_grad_enabled() and keys[0].requires_grad:
@@ -439,7 +442,10 @@ class Transformer(nn.Module):
             mask = _plain_mask(T, windows[0], x.device)
             if len(windows) > 1:
                 mask = {w: _plain_mask(T, w, x.device) for w in windows}
-        max_pos = int(positions.max()) if positions.numel() else 0
+        # a cache that knows its largest position (the compiled decoder's) spares reading a tensor value
+        max_pos = getattr(cache, "max_position", None)
+        if max_pos is None:
+            max_pos = int(positions.max()) if positions.numel() else 0
         cos, sin = self.rope.lookup(positions, max_pos, x.dtype)
         if self.rope_local is not None:
             cl, sl = self.rope_local.lookup(positions, max_pos, x.dtype)
