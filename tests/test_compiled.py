@@ -106,11 +106,10 @@ def test_bucket(n, size):
     assert compiled.bucket(n) == size
 
 
-def test_auto_compiles_only_where_it_pays():
+def test_auto_decodes_eagerly_until_the_shape_is_compiled():
     m = to_leanlm(tiny_hf("llama", seed=16))
     dec = compiled.decoder_for(m)
-    assert not compiled.large_enough(m)
-    assert compiled.auto_decoder(m, None, 1, 300, 290) is None  # a tiny model decodes eagerly by default
+    assert compiled.auto_decoder(m, None, 1, 300, 290) is None  # eager by default
     assert compiled.auto_decoder(m, True, 1, 300, 290) is dec
     assert compiled.auto_decoder(m, False, 1, 300, 290) is None
     _tokens(m, [[1, 2]], 3, True)

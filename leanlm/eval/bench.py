@@ -66,11 +66,8 @@ def is_compiled(model) -> bool:
 def bench(model, prompt_len: int = 128, new_tokens: int = 64, batch: int = 4, repeats: int = 3,
           prefill_len: int = 512, compile: bool | None = None) -> dict:
     """Median of `repeats` runs after one warm-up (which compiles the decode step, timed as warm_up_s).
-    compile: decode steps compiled (True), eager (False), or compiled for models large enough (None)."""
-    from leanlm.infer.compiled import large_enough
-
-    if compile is None:
-        compile = large_enough(model)
+    compile: decode steps compiled (True) or eager (False, or None: the default until compiling is shown to pay)."""
+    compile = bool(compile)
     t = time.perf_counter()
     time_decode(model, 16, 4, 1, compile=compile)  # warm-up: allocator, thread pool, kernels, compilation
     warm_s = time.perf_counter() - t
