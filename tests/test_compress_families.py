@@ -26,7 +26,11 @@ RECIPES = {
     "smoothquant": "- method: smoothquant\n  alpha: 0.5",
     "wanda": "- method: wanda\n  sparsity: 0.5",
     "sparsegpt": "- method: sparsegpt\n  sparsity: 0.5",
-    "structured": "- method: structured\n  target: 0.2\n  importance: activation\n  channel_multiple: 4",
+    # MLP channels only, as the shipped structured recipes (tiny Qwen3's head_dim 128 makes attention
+    # most of the model, and whole KV groups of 2 cannot be split finer); tests/test_prune_structured.py
+    # covers removing KV groups
+    "structured": "- method: structured\n  target: 0.1\n  importance: activation\n  head_ratio: 0.0\n"
+                  "  channel_multiple: 4",
     "lowrank": "- method: lowrank\n  target: 0.2\n  activation_aware: true",
 }
 # relative logit error allowed for the 8-bit methods, the near-lossless ones (these random models have
@@ -76,7 +80,7 @@ def _check_rewritten(method, m, ref):
     elif method == "lowrank":
         assert all(isinstance(m.get_submodule(n), LowRankLinear) for n in targets)
     elif method == "structured":
-        assert abs(1 - m.num_parameters() / ref.num_parameters() - 0.2) < 0.04
+        assert abs(1 - m.num_parameters() / ref.num_parameters() - 0.1) < 0.04  # whole multiples of 4 channels
         lay = layout_of(m)
         for i in range(m.config.num_layers):  # every MLP (each expert, the shared expert) is narrower
             downs = [n for n in block_linears(m, i, "mlp_out")]
