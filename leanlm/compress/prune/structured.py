@@ -333,7 +333,7 @@ def sync_config(model):
                               "every expert of a layer must keep the same number of channels")
         dense.append(None if moe else next(iter(w.values())))
         expert.append(experts.pop() if moe else None)
-        shared.append(w.get(f"{lay.mlp}.{lay.shared_expert}.") if moe else None)
+        shared.append(next((v for p, v in w.items() if f".{lay.shared_expert}." in p), None) if moe else None)
     model.config = _uniformize(dataclasses.replace(model.config, num_layers=len(bl)), [a.nh for a in attn],
                                [a.nkv for a in attn], dense, expert, shared)
     return model
