@@ -204,8 +204,8 @@ def test_lora_on_experts_trains_and_merges(mixtral):
 
 
 def test_lora_adapter_loads_in_peft_outside_experts(tmp_path):
-    """peft 0.21 on transformers 5 puts LoRA on the fused 3-D expert tensors (one A shared by gate and
-    up), which leanlm's per-expert linears do not map onto; attention and the shared expert interchange."""
+    """Attention and the shared expert keep their names in peft's format (experts and routers, which
+    transformers holds as fused parameters, are tests/test_peft_families.py's)."""
     import peft
 
     from leanlm.peft.io import save_adapter
@@ -261,9 +261,93 @@ def test_layer_drop_renumbers_moe_layers(qwen2, tmp_path):
         assert (back(IDS) - m(IDS)).abs().max() < 1e-5
 
 
-def test_structured_pruning_refuses_moe(qwen2):
-    from leanlm.errors import LeanLMError
+@pytest.mark.parametrize("kind", ["qwen2_moe", "mixtral"])
+def test_structured_shrinks_experts_like_masking(kind, tmp_path):
+    """Each expert and the shared expert lose their lowest-scoring channels (each by its own scores,
+    the same count per expert); the shrunk model equals the dense model with those channels zeroed,
+    the router is untouched, and transformers reads the saved folder with the same logits."""
+    import transformers
 
-    with pytest.raises(LeanLMError, match="mixture-of-experts"):
-        apply_recipe(copy.deepcopy(qwen2), parse_recipe("- method: structured\n  target: 0.2"),
-                     torch.randint(0, 128, (2, 8)), progress=False)
+    import leanlm
+    from conftest import save_tiny_tokenizer
+    from leanlm.compress.prune import structured as st
+
+    hf = tiny_moe(kind)
+    m = to_leanlm(hf)
+    lay = layout_of(m)
+    routers = {n: m.get_submodule(n).weight.clone() for n in (block_prefix(i) + r for i in range(m.config.num_layers)
+                                                             for r in lay.groups(m.config, i)["router"])}
+    sa, sm = st.importance(m, "magnitude")
+    groups, channels = [0] * m.config.num_layers, [{p: 8 for p in c} for c in sm]
+    kg, kc = st.keep_sets(sa, sm, groups, channels)
+    masked = copy.deepcopy(m)
+    st.mask_units(masked, kg, kc)
+    st.shrink(m, kg, kc)
+    for i, blk in enumerate(m.model.layers):
+        for p, kept in kc[i].items():
+            assert blk.get_submodule(p + lay.down).in_features == len(kept)
+            torch.testing.assert_close(blk.get_submodule(p + lay.up).weight,  # the kept rows, in order
+                                       masked.model.layers[i].get_submodule(p + lay.up).weight[kept])
+    assert all(torch.equal(m.get_submodule(n).weight, w) for n, w in routers.items())
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS), masked(IDS), atol=1e-5, rtol=1e-5)
+    cfg = m.config
+    assert cfg.uniform and cfg.expert_width(0) == (cfg.moe_intermediate_size or cfg.intermediate_size)
+    assert cfg.expert_width(0) == hf.config.to_dict().get("moe_intermediate_size", hf.config.intermediate_size) - 8
+    if kind == "qwen2_moe":
+        assert cfg.shared_expert_intermediate_size == 48 - 8 and cfg.intermediate(1) == 96 - 8  # the dense layer
+    leanlm.save(m, None, tmp_path / "s")
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "s")).eval()
+    save_tiny_tokenizer(tmp_path / "s")
+    mine, _ = leanlm.load(tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, m(IDS), atol=1e-4, rtol=1e-4)
+        assert torch.equal(mine(IDS), m(IDS))
+
+
+def test_structured_per_layer_expert_widths_round_trip(qwen2, tmp_path):
+    """Layers pruned by different amounts (skip_first) keep per-layer expert widths in config.json."""
+    import leanlm
+    from conftest import save_tiny_tokenizer
+
+    m = copy.deepcopy(qwen2)
+    apply_recipe(m, parse_recipe("- method: structured\n  target: 0.2\n  importance: magnitude\n  head_ratio: 0.0\n"
+                                 "  skip_first: 1\n  channel_multiple: 4"), progress=False)
+    cfg, lay = m.config, layout_of(m)
+    assert cfg.layer_moe_intermediate_size[0] == 32 and cfg.layer_moe_intermediate_size[2] < 32
+    assert cfg.layer_shared_expert_intermediate_size[0] == 48 and cfg.layer_shared_expert_intermediate_size[2] < 48
+    assert cfg.intermediate(1) < 96 and not cfg.uniform
+    for e in range(4):
+        assert m.model.layers[2].get_submodule(f"{lay.mlp}.{lay.experts}.{e}.{lay.down}").in_features == \
+            cfg.expert_width(2)
+    leanlm.save(m, None, tmp_path / "s")
+    save_tiny_tokenizer(tmp_path / "s")
+    back, _ = leanlm.load(tmp_path / "s")
+    with torch.no_grad():
+        assert torch.equal(back(IDS), m(IDS))
+
+
+@pytest.mark.parametrize("importance", ["activation", "taylor"])
+def test_structured_recipe_on_moe_with_unused_experts(qwen2, importance):
+    """Calibrated importance on single tokens: unused experts (no inputs, no gradients) fall back to
+    magnitude scores; the target is met, every expert of a layer keeps one width, the router stays."""
+    from leanlm.compress.prune import structured as st
+
+    m = copy.deepcopy(qwen2)
+    unused, _ = unused_experts(m, ONE_TOKEN)
+    total = m.num_parameters()
+    router = m.model.layers[0].mlp.gate.weight.clone()
+    apply_recipe(m, parse_recipe(f"- method: structured\n  target: 0.2\n  importance: {importance}\n"
+                                 "  head_ratio: 0.0\n  channel_multiple: 4"), ONE_TOKEN, progress=False)
+    assert unused and abs(1 - m.num_parameters() / total - 0.2) < 0.03
+    assert torch.equal(m.model.layers[0].mlp.gate.weight, router)
+    lay = layout_of(m)
+    for n in expert_names(m, 0, [lay.down]):
+        w0 = qwen2.get_submodule(n).weight
+        w = m.get_submodule(n).weight
+        assert w.shape[1] == m.config.expert_width(0) < w0.shape[1]
+        if expert_of(m, n) in unused:  # magnitude: the columns with the largest norms are kept
+            keep = w0.pow(2).sum(0).topk(w.shape[1]).indices.sort().values
+            assert torch.equal(w, w0[:, keep]), n
+    with torch.no_grad():
+        assert torch.isfinite(m(IDS)).all()

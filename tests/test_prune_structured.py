@@ -62,7 +62,7 @@ def test_plan_hits_target_and_uniform_export():
     m, _ = tiny_llama(layers=4, heads=8, kv_heads=4)
     total = m.num_parameters()
     groups, channels = st.plan(m, st.StructuredConfig(target=0.2, head_ratio=0.5, channel_multiple=8))
-    removed = sum(g * st.layer_params(m.config, i)[0] + c * st.layer_params(m.config, i)[1]
+    removed = sum(g * st.layer_params(m.config, i)[0] + sum(c.values()) * st.layer_params(m.config, i)[1]
                   for i, (g, c) in enumerate(zip(groups, channels)))
     assert abs(removed / total - 0.2) < 0.03
     sa, sm = st.importance(m, "magnitude")

@@ -180,9 +180,9 @@ def factorize(weight: torch.Tensor, H: torch.Tensor | None, cfg, ratio: float | 
 
 
 def solve(state: dict | None, layer: nn.Linear, cfg, ratio: float | None = None, rank_fraction: float | None = None):
+    # No token reached the layer (a MoE expert nothing was routed to): plain SVD, the best it can do
+    # without knowing its inputs (GPTQ falls back to RTN the same way).
     H = state["H"] if state is not None and state["n"] > 0 else None
-    if getattr(cfg, "activation_aware", False) and H is None:
-        raise LeanLMError("lowrank: activation-aware factorization got no calibration inputs for this layer")
     return factorize(layer.weight, H, cfg, ratio=ratio, rank_fraction=rank_fraction)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from leanlm.infer.compiled import auto_decoder, bucket
 from leanlm.infer.sampling import GenerationConfig, make_generator, select
 
 
@@ -39,13 +40,16 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig,
         ids[i, P - len(p):] = torch.tensor(p)
         valid[i, P - len(p):] = True
     valid = None if bool(valid.all()) else valid
+    dec = auto_decoder(model, cfg.compile, B, P + cfg.max_new_tokens, cfg.max_new_tokens, cfg.kv_bits)
     if cfg.kv_bits:
         from leanlm.infer.kv_quant import QuantizedKVCache
 
         cache = QuantizedKVCache(model.config, B, P + cfg.max_new_tokens, bits=cfg.kv_bits, dtype=model.dtype,
                                  valid=valid)
     else:
-        cache = model.new_cache(B, P + cfg.max_new_tokens, valid=valid)
+        # a compiled decoder's cache is rounded up to a bucket: one graph serves many lengths
+        cache = model.new_cache(B, P + cfg.max_new_tokens if dec is None else bucket(P + cfg.max_new_tokens),
+                                valid=valid)
     gen = make_generator(cfg.seed)
     seen = None
     if cfg.repetition_penalty != 1.0:
@@ -72,7 +76,10 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig,
             return
         if seen is not None:
             seen[torch.arange(B), nxt] = True
-        logits = model(nxt.unsqueeze(1), cache=cache)[:, -1]
+        if dec is None:
+            logits = model(nxt.unsqueeze(1), cache=cache)[:, -1]
+        else:
+            logits = dec.decode(cache, nxt.unsqueeze(1))
 
 
 def _stop_checker(tokenizer, stops: list[str]):

@@ -29,6 +29,9 @@ class GenerationConfig(SamplingConfig):
     stop_strings: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     kv_bits: int | None = None  # store the KV cache in 8/4/2 bits (leanlm/infer/kv_quant.py); None: model dtype
+    # decode steps through torch.compile (leanlm/infer/compiled.py): True where supported, False never,
+    # None where it pays (long generations on models of real size, or once compiled)
+    compile: bool | None = None
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -64,7 +64,13 @@ class ModelConfig:
     # Per-layer shapes, set by structured pruning; None means uniform.
     layer_num_heads: list[int] | None = None
     layer_num_kv_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None  # a dense MLP's width (Mixtral: the experts', see expert_width)
+    layer_moe_intermediate_size: list[int] | None = None  # each expert's width, per layer
+    layer_shared_expert_intermediate_size: list[int] | None = None
+    # ReZero (Bachlechner et al., 2020): a learnable scalar, initialised to 0, scales each residual branch, so
+    # every block starts as the identity. Training-time only: Transformer.fold_residual_gates() folds the
+    # gates into the branch output projections, so a saved model is a plain checkpoint of its family.
+    residual_gates: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -106,6 +112,18 @@ class ModelConfig:
     def intermediate(self, layer: int) -> int:
         return self.layer_intermediate_size[layer] if self.layer_intermediate_size else self.intermediate_size
 
+    def expert_width(self, layer: int) -> int:
+        """The width of every expert of a MoE layer (moe_intermediate_size, else the layer's intermediate)."""
+        if self.layer_moe_intermediate_size:
+            return self.layer_moe_intermediate_size[layer]
+        return self.moe_intermediate_size or self.intermediate(layer)
+
+    def shared_expert_width(self, layer: int) -> int:
+        """The width of a MoE layer's shared expert (0: none)."""
+        if self.layer_shared_expert_intermediate_size:
+            return self.layer_shared_expert_intermediate_size[layer]
+        return self.shared_expert_intermediate_size
+
     def is_moe_layer(self, layer: int) -> bool:
         if not self.num_experts:
             return False
@@ -114,7 +132,8 @@ class ModelConfig:
     @property
     def uniform(self) -> bool:
         """True when every layer has the same shapes (so a transformers config can describe it)."""
-        lists = [self.layer_num_heads, self.layer_num_kv_heads, self.layer_intermediate_size]
+        lists = [self.layer_num_heads, self.layer_num_kv_heads, self.layer_intermediate_size,
+                 self.layer_moe_intermediate_size, self.layer_shared_expert_intermediate_size]
         return all(v is None or len(set(v)) <= 1 for v in lists)
 
     def to_dict(self) -> dict:
@@ -172,6 +191,8 @@ class ModelConfig:
                 layer_num_heads=d.get("leanlm_layer_num_heads"),
                 layer_num_kv_heads=d.get("leanlm_layer_num_kv_heads"),
                 layer_intermediate_size=d.get("leanlm_layer_intermediate_size"),
+                layer_moe_intermediate_size=d.get("leanlm_layer_moe_intermediate_size"),
+                layer_shared_expert_intermediate_size=d.get("leanlm_layer_shared_expert_intermediate_size"),
             )
             kw.update(fam.read_config(d, kw["num_layers"]))  # what the family reads its own way (Gemma, Phi-3, MoE)
             kw.update(fam.fixed)  # what the family always has (transformers hard-codes it)
@@ -224,6 +245,10 @@ class ModelConfig:
             d["leanlm_layer_num_heads"] = self.layer_num_heads
             d["leanlm_layer_num_kv_heads"] = self.layer_num_kv_heads
             d["leanlm_layer_intermediate_size"] = self.layer_intermediate_size
+            if self.layer_moe_intermediate_size:
+                d["leanlm_layer_moe_intermediate_size"] = self.layer_moe_intermediate_size
+            if self.layer_shared_expert_intermediate_size:
+                d["leanlm_layer_shared_expert_intermediate_size"] = self.layer_shared_expert_intermediate_size
         return d
 
 

@@ -49,6 +49,14 @@ class Layout:
     experts: str = "experts"
     shared_expert: str = "shared_expert"
     shared_expert_gate: str = "shared_expert_gate"
+    # How transformers holds some of these linears in memory (the names peft adapters use there).
+    # fused: (one nn.Linear, the linears whose output rows it stacks), relative to the block (Phi-3's
+    # qkv_proj is q, k, v). stacked_experts: (a 3-D parameter [experts, rows, in] of the MoE block's
+    # experts module, the expert linears whose rows each slice stacks), in the order transformers
+    # registers them. router_param: the router is a bare parameter of that name, not an nn.Linear.
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    stacked_experts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    router_param: str | None = None
 
     # ---- names -----------------------------------------------------------------------------------
     def mlp_prefixes(self, cfg, layer: int) -> list[str]:
@@ -73,6 +81,28 @@ class Layout:
         return {"attn_in": [self.q, self.k, self.v], "attn_out": [self.o],
                 "mlp_in": [p + n for p in mlps for n in (self.gate, self.up)],
                 "mlp_out": [p + self.down for p in mlps], "router": router}
+
+    def target(self, cfg, layer: int, word: str) -> list[str] | None:
+        """The block's linears a target word names (TARGET_WORDS), relative to the block; None when `word`
+        is not a target word (it is then a module name)."""
+        g = self.groups(cfg, layer)
+        if word in g:
+            return g[word]
+        if word == "attention":
+            return g["attn_in"] + g["attn_out"]
+        if word == "mlp":
+            return g["mlp_in"] + g["mlp_out"]
+        scope, _, role = word.partition(".")
+        if scope not in ("experts", "shared_expert") or role not in ("", "gate", "up", "down"):
+            return None
+        if not cfg.is_moe_layer(layer):
+            return []
+        if scope == "experts":
+            prefixes = [f"{self.mlp}.{self.experts}.{e}." for e in range(cfg.num_experts)]
+        else:
+            prefixes = [f"{self.mlp}.{self.shared_expert}."] if cfg.shared_expert_intermediate_size else []
+        roles = [getattr(self, role)] if role else self.mlp_leaves()
+        return [p + n for p in prefixes for n in roles]
 
     def linears(self, cfg, layer: int) -> list[str]:
         """Every linear of a block, relative to it."""
@@ -104,7 +134,21 @@ class Layout:
         return [self.gate, self.up, self.down]
 
 
+# Target words (`leanlm finetune --targets`): the layout groups, plus attention / mlp (every MLP linear:
+# the dense MLP, or the experts and the shared expert), experts and shared_expert, and one of their
+# three linears (experts.gate, experts.up, experts.down, shared_expert.down...).
+TARGET_WORDS = ("attention", "attn_in", "attn_out", "mlp", "mlp_in", "mlp_out", "router", "experts",
+                "experts.gate", "experts.up", "experts.down", "shared_expert", "shared_expert.gate",
+                "shared_expert.up", "shared_expert.down")
+
 LLAMA = Layout()
+# Mixtral, Qwen2-MoE, Qwen3-MoE: transformers 5 keeps the experts as two 3-D parameters and the router as
+# a bare weight (peft reaches them with target_parameters).
+MOE = Layout(stacked_experts=(("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))),
+             router_param="weight")
+# Phi-3: the checkpoint (and transformers) fuse q/k/v and gate/up; leanlm splits them on load.
+PHI3 = Layout(fused=(("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                     ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))))
 # Gemma 2/3: four norms per block; transformers' `post_attention_layernorm` normalizes the attention
 # *output* there, and `pre_feedforward_layernorm` is the one feeding the MLP.
 GEMMA = Layout(mlp_norm="pre_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
@@ -191,3 +235,41 @@ def block_linears(model, layer: int, group: str | None = None) -> list[str]:
 
 def all_block_linears(model, group: str | None = None) -> list[str]:
     return [n for i in range(len(blocks(model))) for n in block_linears(model, i, group)]
+
+
+def target_linears(model, word: str) -> list[str] | None:
+    """Full names of the linears a target word (TARGET_WORDS) names in every block; None when `word` is
+    not a target word."""
+    lay, cfg = layout_of(model), base_model(model).config
+    if lay.target(cfg, 0, word) is None:
+        return None
+    return [block_prefix(i) + n for i in range(len(blocks(model))) for n in lay.target(cfg, i, word)]
+
+
+@dataclass(frozen=True)
+class HFLinear:
+    """A linear, or a stack of expert linears, as transformers holds it and leanlm's linears that make it.
+    param None: an nn.Linear `name`; else the parameter `param` of module `name`. parts: per expert (one
+    for a plain linear), leanlm's full names whose output rows it stacks, in order."""
+    name: str
+    param: str | None
+    parts: tuple[tuple[str, ...], ...]
+
+
+def hf_linears(model) -> list[HFLinear]:
+    """Every linear transformers holds differently from leanlm (fused, stacked experts, a bare router
+    weight), with full names; other linears have the same name in both."""
+    lay, cfg = layout_of(model), base_model(model).config
+    out = []
+    for i in range(len(blocks(model))):
+        p = block_prefix(i)
+        out += [HFLinear(p + fused, None, (tuple(p + n for n in parts),)) for fused, parts in lay.fused]
+        if not cfg.is_moe_layer(i):
+            continue
+        ex = f"{p}{lay.mlp}.{lay.experts}"
+        out += [HFLinear(ex, param, tuple(tuple(f"{ex}.{e}.{r}" for r in roles) for e in range(cfg.num_experts)))
+                for param, roles in lay.stacked_experts]
+        if lay.router_param:
+            router = f"{p}{lay.mlp}.{lay.router}"
+            out.append(HFLinear(router, lay.router_param, ((router,),)))
+    return out

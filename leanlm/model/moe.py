@@ -32,13 +32,13 @@ class SparseMoE(nn.Module):
         if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
             raise LeanLMError(f"num_experts_per_tok={cfg.num_experts_per_tok} must be in 1..num_experts="
                               f"{cfg.num_experts}")
-        width = cfg.moe_intermediate_size or cfg.intermediate_size
+        width = cfg.expert_width(layer)
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.layer = layer
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(make_mlp(width) for _ in range(cfg.num_experts))
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = make_mlp(cfg.shared_expert_intermediate_size)
+            self.shared_expert = make_mlp(cfg.shared_expert_width(layer))
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.counts: torch.Tensor | None = None  # tokens per expert while router_stats is on
 

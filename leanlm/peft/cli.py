@@ -42,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--targets", default=None,
-                   help="comma-separated module names, or a regex over full module names "
-                        "(default: every linear of the blocks, as the model's family names them)")
+                   help="comma-separated target words (attention, attn_in, mlp, experts, experts.down, "
+                        "shared_expert, router...: the family's layout names them) and/or module names, or a "
+                        "regex over full module names (default: every linear of the blocks; docs/finetune.md)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     p.add_argument("--virtual-tokens", type=int, default=16, help="prompt / prefix tuning length")
     p.add_argument("--mezo-eps", type=float, default=1e-3)

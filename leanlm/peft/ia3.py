@@ -14,13 +14,14 @@ import torch.nn as nn
 from leanlm.errors import LeanLMError
 from leanlm.model.layout import layout_of
 from leanlm.model.surgery import replace_module
-from leanlm.peft.lora import base_weight, freeze_base, matches, target_names
+from leanlm.peft.lora import base_weight, freeze_base, matches, resolve_targets, target_names
 
 
 @dataclass
 class IA3Config:
     # None: peft's defaults for the family, from its layout: the key and value projections and the
-    # MLP's down projection, which is also the one feed-forward module (its input is scaled).
+    # MLP's down projection, which is also the one feed-forward module (its input is scaled). Lists may
+    # hold target words (see LoraConfig.target_modules).
     target_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
 
@@ -82,6 +83,8 @@ def apply_ia3(model: nn.Module, cfg: IA3Config) -> nn.Module:
     cfg = dataclasses.replace(cfg, target_modules=targets if cfg.target_modules is None else cfg.target_modules,
                               feedforward_modules=feedforward if cfg.feedforward_modules is None
                               else cfg.feedforward_modules)
+    cfg = dataclasses.replace(cfg, target_modules=resolve_targets(model, cfg.target_modules),
+                              feedforward_modules=resolve_targets(model, cfg.feedforward_modules))
     names = target_names(model, cfg.target_modules)
     if not names:
         raise LeanLMError(f"no module matches target_modules={cfg.target_modules!r}")

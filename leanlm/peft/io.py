@@ -9,6 +9,7 @@ with a peft counterpart is one entry here.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,15 +18,18 @@ import torch.nn as nn
 from typing import Callable, NamedTuple
 
 from leanlm.errors import LeanLMError
+from leanlm.peft import hf_map
 from leanlm.peft.ia3 import IA3Config, IA3Linear, apply_ia3
 from leanlm.peft.lora import LoraConfig, LoraLinear, apply_lora
 from leanlm.peft.prompt import PrefixTuningConfig, PromptTuningConfig, apply_prefix_tuning, apply_prompt_tuning
 
 PREFIX = "base_model.model."
 # peft config fields we read; any other field set away from its default means a feature we lack.
+# (rank_pattern / alpha_pattern are read; target_parameters, transformers' fused MoE experts and router,
+# are mapped onto leanlm's linears by hf_map.py before this check.)
 _LORA_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
-                     "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-                     "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+                     "layers_to_transform": None, "target_parameters": None,
+                     "trainable_token_indices": None, "use_qalora": False,
                      "exclude_modules": None, "layer_replication": None}
 
 
@@ -48,7 +52,7 @@ def _lora_to(cfg: LoraConfig, model) -> dict:
     return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": _listed(cfg.target_modules),
             "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": "none", "fan_in_fan_out": False,
             "init_lora_weights": True, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {}, "alpha_pattern": {}}
+            "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern)}
 
 
 def _lora_from(d: dict, source: str) -> LoraConfig:
@@ -62,7 +66,8 @@ def _lora_from(d: dict, source: str) -> LoraConfig:
         raise LeanLMError(f"{source}: target_modules is missing")
     return LoraConfig(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
                       target_modules=tm if isinstance(tm, str) else list(tm),
-                      use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)))
+                      use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
+                      rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
 
 
 def _lora_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -169,6 +174,12 @@ def save_adapter(model: nn.Module, folder: str | Path, base_name: str | None = N
         raise LeanLMError(f"{merged[0]}: adapter is merged into the base; unmerge before saving the adapter")
     conf = peft_config_dict(model, base_name)
     tensors = {k: v.float() if v.dtype != torch.float32 else v for k, v in adapter_state(model).items()}
+    why = hf_map.peft_refusal(model)
+    if why:  # leanlm's own names: leanlm loads it back, peft cannot
+        warnings.warn(f"{why}; the adapter is saved with leanlm's module names, which leanlm loads and peft "
+                      "cannot", stacklevel=2)
+    else:  # the names (and fused tensors) transformers holds: what peft loads
+        conf, tensors = hf_map.to_transformers(model, conf, tensors)
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
@@ -215,11 +226,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         extra = " (adapter_model.bin is a pickle; leanlm never unpickles: re-save with safe_serialization=True)" \
             if (folder / "adapter_model.bin").exists() else ""
         raise LeanLMError(f"{folder}: no adapter_model.safetensors{extra}")
-    cfg = config_from_peft(d, str(folder / "adapter_config.json"))
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise LeanLMError(f"{path}: cannot read safetensors ({e})")
+    d, tensors = hf_map.from_transformers(model, d, tensors)
+    cfg = config_from_peft(d, str(folder / "adapter_config.json"))
     model = apply_config(model, cfg)
     own = _adapter_params(model)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))

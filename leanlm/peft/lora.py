@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
-from leanlm.model.layout import HEAD, layout_of
+from leanlm.model.layout import HEAD, TARGET_WORDS, layout_of, target_linears
 from leanlm.model.surgery import replace_module
 
 ALL_LINEAR = "all-linear"  # peft's name for every linear of the blocks (the family's layout lists them)
@@ -31,16 +31,35 @@ class LoraConfig:
     # A list matches module names by suffix (a leaf name such as the query projection's matches that
     # module in every block); a string is a regex that must match the full module name (peft's rules).
     # None or "all-linear": every linear of the blocks, from the family's layout (Layout.all_linear).
+    # A list may also hold target words (leanlm.model.layout.TARGET_WORDS: attention, mlp, experts,
+    # experts.down, router, ...), which the layout turns into the full names of those linears.
     target_modules: list[str] | str | None = None
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed: magnitude vector times normalised direction
     freeze_a: bool = False  # LoRA-FA: A stays at its random init, only B trains
     init: str = "kaiming"  # kaiming (peft's default) | gaussian | loftq (QLoRA only)
     loftq_iters: int = 1
+    # per-module rank / alpha, peft's rank_pattern / alpha_pattern: {regex: value}, the first key that
+    # matches the end of a module name (after a dot) wins
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def at(self, name: str) -> "LoraConfig":
+        """The config of one module: rank and alpha from the patterns that match its name."""
+        r, alpha = pattern_value(self.rank_pattern, name, self.r), pattern_value(self.alpha_pattern, name, self.alpha)
+        return self if (r, alpha) == (self.r, self.alpha) else dataclasses.replace(self, r=int(r), alpha=float(alpha))
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """peft's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 @dataclass
@@ -54,9 +73,13 @@ class LoraFAConfig(LoraConfig):
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
+    """peft's rule: a regex string must match the full name; a list entry must equal the name or a
+    dot-separated end of it (lists of thousands of expert names stay fast: a set lookup per suffix)."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    wanted = targets if isinstance(targets, (set, frozenset)) else set(targets)
+    parts = name.split(".")
+    return any(".".join(parts[i:]) in wanted for i in range(len(parts)))
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
@@ -169,10 +192,20 @@ class LoraLinear(nn.Module):
 
 
 def resolve_targets(model: nn.Module, targets):
-    """None or "all-linear" -> the family's all-linear leaf names; anything else as given."""
+    """None or "all-linear" -> the family's all-linear leaf names; target words in a list -> the full
+    names of the linears they name (from the layout); anything else as given."""
     if targets is None or targets == ALL_LINEAR:
         return layout_of(model).all_linear()
-    return targets
+    if isinstance(targets, str) or not any(t in TARGET_WORDS for t in targets):
+        return targets
+    out = []
+    for t in targets:
+        names = target_linears(model, t) if t in TARGET_WORDS else [t]
+        if not names:
+            raise LeanLMError(f"target {t!r} names no linear of this {model.config.model_type} model "
+                              f"(it has no such part); target words: {', '.join(TARGET_WORDS)}")
+        out += [n for n in names if n not in out]
+    return out
 
 
 def with_targets(model: nn.Module, cfg, *fields: str):
@@ -188,11 +221,12 @@ def skip_head(name: str, targets) -> bool:
 
 def target_names(model: nn.Module, targets, kinds=(nn.Linear,)) -> list[str]:
     targets = resolve_targets(model, targets)
+    wanted = targets if isinstance(targets, str) else set(targets)
     names = []
     for name, mod in model.named_modules():
         if skip_head(name, targets):
             continue
-        if matches(name, targets) and (isinstance(mod, kinds) or hasattr(mod, "dequantize")
+        if matches(name, wanted) and (isinstance(mod, kinds) or hasattr(mod, "dequantize")
                                             or hasattr(mod, "dequantized_weight")):
             names.append(name)
     return names
@@ -212,14 +246,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     cfg = with_targets(model, cfg, "target_modules")
     names = target_names(model, cfg.target_modules)
     if not names:
-        raise LeanLMError(f"no module matches target_modules={cfg.target_modules!r}; "
-                          f"use names like {', '.join(layout_of(model).all_linear()[:3])} or a full-name regex")
+        raise LeanLMError(f"no module matches target_modules={cfg.target_modules!r}; use names like "
+                          f"{', '.join(layout_of(model).all_linear()[:3])}, target words ({', '.join(TARGET_WORDS[:4])}, "
+                          "...) or a full-name regex")
     freeze_base(model)
     for name in names:
         base = model.get_submodule(name)
         if isinstance(base, LoraLinear):
             raise LeanLMError(f"{name} already has a LoRA adapter; merge or remove it first")
-        replace_module(model, name, LoraLinear(base, cfg))
+        replace_module(model, name, LoraLinear(base, cfg.at(name)))
     model.peft_config = cfg
     return model
 

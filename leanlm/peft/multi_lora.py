@@ -81,6 +81,9 @@ def read_lora(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                           "(serve it alone with --adapter)")
     if cfg.use_dora:
         raise LeanLMError(f"{folder}: a DoRA adapter rescales the base output; serve it alone with --adapter")
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        raise LeanLMError(f"{folder}: per-module ranks or alphas (rank_pattern / alpha_pattern) are not served "
+                          "in a shared batch; serve it alone with --adapter")
     path = folder / "adapter_model.safetensors"
     try:
         tensors = load_file(str(path))

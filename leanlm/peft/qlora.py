@@ -103,12 +103,12 @@ def apply_qlora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
             if cfg.init == "loftq":
                 raise LeanLMError(f"{name} is already NF4: LoftQ needs the float weights; load the model "
                                   "without quantize=... to use init=loftq")
-            replace_module(model, name, LoraLinear(lin, lora_cfg))
+            replace_module(model, name, LoraLinear(lin, lora_cfg.at(name)))
             continue
         if not isinstance(lin, nn.Linear):
             raise LeanLMError(f"{name} is already quantized ({type(lin).__name__}); QLoRA needs the float model")
         w = lin.weight.data
-        layer = LoraLinear(nf4_quantize(w, lin.bias.data if lin.bias is not None else None), lora_cfg)
+        layer = LoraLinear(nf4_quantize(w, lin.bias.data if lin.bias is not None else None), lora_cfg.at(name))
         if cfg.init == "loftq":
             loftq_init(layer, w, cfg.loftq_iters)
         replace_module(model, name, layer)

@@ -61,10 +61,8 @@ def prune(model, cfg: PruneConfig, modules: list[str], samples=None, progress: b
 
 # ---------------------------------------------------------------- structured
 def structured_prune(model, cfg: st.StructuredConfig, modules=None, samples=None, progress: bool = True):
-    """Remove KV groups and MLP channels by importance so about cfg.target of the parameters go."""
-    if model.config.num_experts:
-        raise LeanLMError("structured pruning does not handle mixture-of-experts blocks yet (expert channels, "
-                          "whole experts); use layerdrop, wanda/sparsegpt or quantization on this model")
+    """Remove KV groups and MLP channels (of each dense MLP, each expert and each shared expert) by
+    importance so about cfg.target of the parameters go."""
     groups, channels = st.plan(model, cfg)
     if cfg.importance in ("taylor", "magnitude"):
         grads = None
@@ -83,24 +81,21 @@ def structured_prune(model, cfg: st.StructuredConfig, modules=None, samples=None
 
     def block(ctx, c):
         i, blk = ctx.index, ctx.block
-        if groups[i] == 0 and channels[i] == 0:
+        if groups[i] == 0 and not any(channels[i].values()):
             return
-        mlp = st.dense_mlp(lay, mcfg, i)
-        o, d = block_prefix(i) + lay.o, block_prefix(i) + mlp + lay.down
-        sq = {o: torch.zeros(ctx.layer(o).in_features, dtype=torch.float64),
-              d: torch.zeros(ctx.layer(d).in_features, dtype=torch.float64)}
+        mlps = lay.mlp_prefixes(mcfg, i)
+        o = block_prefix(i) + lay.o
+        downs = {p: block_prefix(i) + p + lay.down for p in mlps}
+        sq = {n: torch.zeros(ctx.layer(n).in_features, dtype=torch.float64) for n in [o, *downs.values()]}
 
         def fn(name, x):
             sq[name] += x.double().pow(2).sum(0)
-        ctx.collect([o, d], fn)
+        ctx.collect(list(sq), fn)  # an expert sees only the tokens routed to it (none: magnitude scores)
         sa = st.attention_group_importance(blk, lay, sq[o], "activation")
-        sm = st.mlp_channel_importance(blk, lay, mlp, sq[d], "activation")
+        sm = {p: st.mlp_channel_importance(blk, lay, p, sq[d], "activation") for p, d in downs.items()}
         kg, kc = st.keep_sets([sa], [sm], [groups[i]], [channels[i]])
-        st.shrink_block(blk, lay, kg[0], kc[0], mlp)  # the runner then feeds the shrunk block's outputs onward
+        st.shrink_block(blk, lay, kg[0], kc[0])  # the runner then feeds the shrunk block's outputs onward
 
     run_steps(model, [Step("structured", Method(block=block), cfg, block_names(model))], samples, progress)
     st.sync_config(model)
     return {"groups_removed": groups, "channels_removed": channels}
-
-
-
