@@ -201,3 +201,37 @@ def test_bitnet_plus_distill_trains_latent_weights_and_lowers_the_loss():
     finally:
         BitLinear.fast = True
     assert mean_kl(model, teacher, SAMPLES) < 0.7 * mean_kl(converted, teacher, SAMPLES)
+
+
+def test_from_scratch_bitnet_training_learns_and_packs_to_the_same_model():
+    from leanlm.compress.quant.bitnet import bitnet_training, pack_bitnet
+    from leanlm.model.layout import all_block_linears
+
+    torch.manual_seed(0)
+    model = to_leanlm(tiny_hf(seed=3))
+    names = bitnet_training(model)
+    assert names == all_block_linears(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    ids = (torch.arange(33)[None] * torch.tensor([[1], [3], [5], [7]])) % 128  # four learnable sequences
+    losses = []
+    model.train()
+    for _ in range(40):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        fake = model(ids)
+    assert pack_bitnet(model) == len(names)
+    assert all(model.get_submodule(n).latent is None for n in names)
+    BitLinear.fast = False
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), fake, atol=1e-4, rtol=1e-4)
+    finally:
+        BitLinear.fast = True

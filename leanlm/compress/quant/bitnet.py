@@ -64,7 +64,8 @@ def ternarize(w: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tenso
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token (last dim): -> (integer-valued fp32 x_q in [-128, 127], a fp32 [..., 1]) with x ~ x_q / a."""
     xf = x.float()
-    a = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    amax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)  # max |x|, one op (decode)
+    a = 127.0 / amax.clamp_(min=EPS)
     return torch.clamp(torch.round(xf * a), -128, 127), a
 
 
@@ -229,3 +230,32 @@ class _FusedBitLinear:
 
 def bitnet_solve(state, layer: nn.Linear, cfg: BitNetConfig) -> nn.Module:
     return BitLinear.from_weight(layer.weight, cfg.per_row, bias=layer.bias)
+
+
+def bitnet_training(model, per_row: bool = False) -> list[str]:
+    """From-scratch BitNet: every decoder linear (MoE routers excepted) becomes a BitLinear training its current
+    float weight as the latent weight (fake-quantized, straight-through), so any training loop trains a
+    b1.58 model; `pack_bitnet(model)` afterwards stores it packed. Returns the converted names."""
+    from leanlm.model.layout import all_block_linears
+    from leanlm.model.surgery import replace_module
+
+    routers = set(all_block_linears(model, "router"))
+    names = [n for n in all_block_linears(model) if n not in routers]
+    for n in names:
+        lin = model.get_submodule(n)
+        m = BitLinear.from_weight(lin.weight, per_row, bias=lin.bias)
+        m.begin_latent(lin.weight)
+        if m.bias is not None:
+            m.bias.requires_grad_(True)
+        replace_module(model, n, m)
+    return names
+
+
+def pack_bitnet(model) -> int:
+    """Pack every BitLinear still training a latent weight; returns how many."""
+    live = [m for m in model.modules() if isinstance(m, BitLinear) and m.latent is not None]
+    for m in live:
+        m.end_latent()
+        if m.bias is not None:
+            m.bias.requires_grad_(False)
+    return len(live)
