@@ -100,9 +100,13 @@ def plot_png(rows: list[dict], x: str, xlabel: str, x_lower_better: bool, front:
         ax.plot([p[1] for p in on], [p[2] for p in on], "-", drawstyle="steps-post" if x_lower_better else "steps-pre",
                 color="#d1495b", lw=1.4, zorder=3)
         ax.scatter([p[1] for p in on], [p[2] for p in on], s=46, color="#d1495b", zorder=4, label="Pareto frontier")
-        for n, px, py in on:
-            ax.annotate(n, (px, py), fontsize=8.5, fontweight="bold", color="#8c1c2c", xytext=(5, 4),
-                        textcoords="offset points")
+        # frontier points are often close together: number them and name them in a box, so labels never overlap
+        for k, (n, px, py) in enumerate(on, 1):
+            ax.annotate(str(k), (px, py), fontsize=8.5, fontweight="bold", color="#8c1c2c", xytext=(0, 6),
+                        textcoords="offset points", ha="center")
+        key = "\n".join(f"{k}  {n}" for k, (n, _, _) in enumerate(on, 1))
+        ax.text(0.01, 0.99, "Pareto frontier\n" + key, transform=ax.transAxes, va="top", ha="left", fontsize=8,
+                color="#8c1c2c", bbox={"boxstyle": "round", "fc": "white", "ec": "#d1495b", "alpha": 0.9}, zorder=5)
     ys = [p[2] for p in pts]
     if ys and max(ys) / max(min(ys), 1e-9) > 20:
         ax.set_yscale("log")
