@@ -125,7 +125,10 @@ def main():
                     "written earlier by --part llmlingua instead of running it")
     ap.add_argument("--wait", type=int, default=360, help="10 s polls for --llmlingua-results to fill")
     ap.add_argument("--out", default=None, help="append one JSON line per answer here")
+    ap.add_argument("--summarize", default=None, help="only print the table of a file written by --out")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize([json.loads(line) for line in open(args.summarize)], args.docs)
     if args.part == "llmlingua":
         return llmlingua_part(args)
 
@@ -165,6 +168,21 @@ def main():
             out.write(json.dumps(row) + "\n")
             out.flush()
 
+    ll_path = Path(args.llmlingua_results or args.llmlingua_out) if (args.llmlingua_python or args.llmlingua_results) else None
+    ll_done = set()
+
+    def drain(upto: int) -> None:
+        """Answer llmlingua's contexts written so far for items < upto (its part may run beside this one)."""
+        if ll_path is None or not ll_path.exists():
+            return
+        for line in open(ll_path):
+            if not line.endswith("\n"):
+                break  # a line still being written
+            r = json.loads(line)
+            if r["item"] < upto and (r["item"], r["method"]) not in ll_done:
+                ll_done.add((r["item"], r["method"]))
+                answer(r["item"], r["method"], r["context"], r["seconds"])
+
     for i, it in enumerate(items):  # item by item, so partial results are usable
         answer(i, "full", "\n\n".join(it["docs"]), 0.0)
         for name, rate in RATES.items():
@@ -173,23 +191,34 @@ def main():
             t0 = time.perf_counter()
             ctx = random_drop(tok, it["docs"], rate, seed=i)
             answer(i, f"random {name}", ctx, time.perf_counter() - t0)
+        drain(i + 1)
         print(f"item {i} done", file=sys.stderr, flush=True)
-    if args.llmlingua_python or args.llmlingua_results:
-        path = Path(args.llmlingua_results or args.llmlingua_out)
+    if ll_path is not None:
         for _ in range(args.wait):  # a run of --part llmlingua started beside this one may still be going
-            if path.exists() and sum(1 for _ in open(path)) >= len(items) * len(RATES):
+            drain(len(items))
+            if len(ll_done) >= len(items) * len(RATES):
                 break
             time.sleep(10)
-        for line in open(path):
-            r = json.loads(line)
-            answer(r["item"], r["method"], r["context"], r["seconds"])
+    summarize(rows, args.docs)
+
+
+def summarize(rows: list[dict], docs: int) -> None:
+    """One table row per method over the items that every method answered (a run cut short, or an
+    llmlingua part that covered fewer items, leaves some items out of every row, never of one)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    have = {}
+    for r in rows:
+        have.setdefault(r["item"], set()).add(r["method"])
+    items = {i for i, ms in have.items() if len(ms) == len(methods)}
+    rows = [r for r in rows if r["item"] in items]
     summary = []
     full = [r for r in rows if r["method"] == "full"]
     full_tok = sum(r["context_tokens"] for r in full) / len(full)
-    for m in dict.fromkeys(r["method"] for r in rows):
+    for m in methods:
         rs = [r for r in rows if r["method"] == m]
         acc = sum(r["correct"] for r in rs) / len(rs)
-        summary.append({"method": m, "accuracy": acc, "answer_kept": sum(r["kept_answer"] for r in rs) / len(rs),
+        summary.append({"method": m, "correct": sum(r["correct"] for r in rs), "accuracy": acc,
+                        "answer_kept": sum(r["kept_answer"] for r in rs) / len(rs),
                         "context_tokens": sum(r["context_tokens"] for r in rs) / len(rs),
                         "ratio": full_tok / (sum(r["context_tokens"] for r in rs) / len(rs)),
                         "compress_s": sum(r["compress_s"] for r in rs) / len(rs),
@@ -197,8 +226,8 @@ def main():
                         "end_to_end_s": sum(r["compress_s"] + r["answer_s"] for r in rs) / len(rs)})
     from leanlm.report import print_table
 
-    print_table(f"prompt compression QA ({len(items)} items, {args.docs} documents each)", summary)
-    print(json.dumps({"summary": summary, "n": len(items)}))
+    print_table(f"prompt compression QA ({len(items)} items, {docs} documents each)", summary)
+    print(json.dumps({"summary": summary, "n": len(items), "items": sorted(items)}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python benchmarks/pretrain.py speedrun --steps 200 --out docs/bench/pretrain-speedrun.jsonl
     python benchmarks/pretrain.py growth --out docs/bench/pretrain-growth.jsonl
-    python benchmarks/pretrain.py mqa --steps 60 --out docs/bench/pretrain-mqa.jsonl
+    python benchmarks/pretrain.py mqa --steps 60 --out docs/bench/pretrain-uptrain.jsonl
+    python benchmarks/pretrain.py moe --experts 4 --steps 60 --out docs/bench/pretrain-uptrain.jsonl
 
 speedrun: the `tiny` shape on the packaged calibration text (rows of 128 tokens, 5% held out), every
 optimizer from the same init and data order; validation loss every `--eval-every` steps; the table gives
@@ -115,39 +116,51 @@ def growth(a):
     print(json.dumps({k: v for k, v in out.items() if k not in ("small", "grown", "scratch")}))
 
 
-def mqa(a):
-    """The default model, its GQA->MQA conversion before and after up-training: perplexity on the held-out
-    technical text, KV-cache bytes per token, time and peak RSS of the up-training."""
+def uptrain(a):
+    """The default model, then its conversion (GQA->MQA by mean-pooling: `mqa`; sparse upcycling into a
+    top-2 MoE: `moe`) before and after up-training on the packaged calibration text: perplexity on the
+    held-out technical text, KV-cache bytes per token, time and peak RSS. One conversion per process, so
+    the peak RSS is that conversion's."""
     from leanlm.data.text import packaged_text
     from leanlm.eval.perplexity import perplexity
-    from leanlm.train.pretrain import kv_bytes_per_token, to_mqa
+    from leanlm.train.pretrain import kv_bytes_per_token, moe_loss, to_mqa, upcycle_moe
 
     model, tok = leanlm.load()
     tech = packaged_text("tech")[: a.chars]
-    rows = [{"model": "default (GQA 9/3)", "ppl": perplexity(model, tok, tech)["perplexity"],
-             "kv_bytes_per_token": kv_bytes_per_token(model.config)}]
-    to_mqa(model, 1)
-    rows.append({"model": "MQA (mean-pooled), before up-training", "ppl": perplexity(model, tok, tech)["perplexity"],
-                 "kv_bytes_per_token": kv_bytes_per_token(model.config)})
-    tr, va = pack(read_documents("packaged:calib"), tok, a.seq_len, 0.05)
+
+    def row(name, m, **extra):
+        t0 = time.perf_counter()
+        ppl = perplexity(m, tok, tech)["perplexity"]
+        r = {"bench": a.which, "model": name, "ppl_tech": round(ppl, 3), "kv_bytes_per_token": kv_bytes_per_token(
+            m.config), "params": m.num_parameters(), "eval_s": round(time.perf_counter() - t0, 1), **extra,
+             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+             "load": os.getloadavg()[0]}
+        print(json.dumps(r), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+    if not a.no_base:
+        row("default (GQA 9/3)", model)
+    t0 = time.perf_counter()
+    if a.which == "mqa":
+        model = to_mqa(model, 1)
+        name, loss_fn = "MQA (3 KV heads mean-pooled into 1)", full_sequence_loss
+    else:
+        model = upcycle_moe(model, a.experts, 2)
+        name, loss_fn = f"upcycled MoE ({a.experts} experts, top-2)", moe_loss(0.01, 2)
+    row(name + ", before up-training", model, convert_s=round(time.perf_counter() - t0, 1))
+    tr, _ = pack(read_documents("packaged:calib"), tok, a.seq_len, 0.05)
     for p in model.parameters():
         p.requires_grad_(True)
     t0 = time.perf_counter()
-    train(model, tr, TrainConfig(max_steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=5, progress=True,
-                                 grad_checkpointing=True), loss_fn=full_sequence_loss)
-    rows.append({"model": f"MQA after {a.steps} steps of up-training", "ppl": perplexity(model, tok, tech)["perplexity"],
-                 "kv_bytes_per_token": kv_bytes_per_token(model.config), "seconds": round(time.perf_counter() - t0, 1),
-                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
-    with open(a.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps({"bench": "mqa", **r}) + "\n")
-    for r in rows:
-        print(json.dumps(r))
+    res = train(model, tr, TrainConfig(max_steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=5,
+                                       progress=True, grad_checkpointing=True), loss_fn=loss_fn)
+    row(f"{name}, after {a.steps} steps", model, train_s=round(time.perf_counter() - t0, 1),
+        train_tokens=res.tokens, first_loss=round(res.losses[0], 4), last_loss=round(res.losses[-1], 4))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["speedrun", "growth", "mqa"])
+    ap.add_argument("which", choices=["speedrun", "growth", "mqa", "moe"])
     ap.add_argument("--shape", default="tiny")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=10)
@@ -155,12 +168,14 @@ def main():
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--chars", type=int, default=20000)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--no-base", action="store_true", help="mqa/moe: skip the unconverted model's row")
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="pretrain-bench.jsonl")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    {"speedrun": speedrun, "growth": growth, "mqa": mqa}[a.which](a)
+    {"speedrun": speedrun, "growth": growth, "mqa": uptrain, "moe": uptrain}[a.which](a)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import leanlm
-from conftest import check_left_padded_batch, greedy_reference, tiny_hf, to_leanlm
+from conftest import check_left_padded_batch, greedy_reference, tiny_hf, tiny_moe, to_leanlm
 from gguf_util import byte_vocab, write_tiny_gguf
 from leanlm.errors import LeanLMError
 from leanlm.model import ModelConfig
@@ -267,3 +267,39 @@ def test_to_hf_writes_what_from_hf_reads():
         cfg = ModelConfig.from_hf(tiny_hf(kind, **kw).config.to_dict())
         again = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
         assert again == cfg, kind
+
+
+@pytest.mark.parametrize("kind,max_window_layers", [("qwen2", 0), ("qwen2", 2), ("qwen3", 1), ("qwen3", 4),
+                                                    ("qwen2_moe", 1), ("qwen2_moe", 3), ("qwen3_moe", 2)])
+def test_qwen_sliding_window_layers_match_transformers(kind, max_window_layers):
+    """use_sliding_window windows only some layers in transformers (Qwen2/Qwen3: from max_window_layers on;
+    Qwen2-MoE: every other layer below it; Qwen3-MoE: all): the same layers and logits, read with and without
+    the explicit layer_types of transformers' config.json, and written back the same."""
+    import transformers
+
+    kw = dict(use_sliding_window=True, sliding_window=4, max_window_layers=max_window_layers, num_hidden_layers=4)
+    hf = tiny_moe(kind, **kw) if kind.endswith("moe") else tiny_hf(kind, **kw)
+    m = to_leanlm(hf)
+    want = getattr(hf.config, "layer_types", None) or ["sliding_attention"] * 4  # Qwen3-MoE windows every layer
+    assert ["full_attention" if m.config.window(i) is None else "sliding_attention" for i in range(4)] == want
+    ids = ids_of(2, 20, seed=8)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert close(m(ids), ref)
+        types = m.config.layer_types
+        variants = []  # (window, layer types) that must not match: the window bites on this sequence...
+        if "sliding_attention" in want:
+            variants.append((None, types))
+        if "full_attention" in want:  # ...and on the windowed layers only
+            variants.append((4, None))
+        for window, layer_types in variants:
+            m.config.sliding_window, m.config.layer_types = window, layer_types
+            assert not close(m(ids), ref)
+        m.config.sliding_window, m.config.layer_types = 4, types
+    d = hf.config.to_dict()
+    d.pop("layer_types", None)  # older config.json files have only max_window_layers
+    assert ModelConfig.from_hf(d) == m.config
+    written = json.loads(json.dumps(m.config.to_hf()))
+    assert ModelConfig.from_hf(written) == m.config
+    back = transformers.AutoConfig.for_model(**written)
+    assert (getattr(back, "layer_types", None) or ["sliding_attention"] * 4) == want

@@ -232,6 +232,8 @@ def test_pretrain_cli_trains_saves_and_plots(tmp_path, default_model):
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "eval_loss" in log[1]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    ck = json.loads((out / "step-0000004" / "state.json").read_text())  # the last step's sharded checkpoint
+    assert ck["format"] == "leanlm-sharded-1" and ck["world_size"] == 1 and ck["step"] == 4
     model, _ = leanlm.load(out / "model")
     assert model.config.hidden_size == 128
     with pytest.raises(SystemExit):
@@ -286,3 +288,155 @@ def test_chunked_vocab_loss_equals_the_whole_loss_and_its_gradients():
     (l1, n1, g1), (l2, n2, g2) = grads
     assert n1 == n2 == 3 * 19 - 4 and l2 == pytest.approx(l1, rel=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
+
+# ---------------------------------------------------------------- ReZero gates, muP learning rates
+def test_rezero_starts_as_identity_blocks_trains_and_saves_a_plain_checkpoint(tmp_path, default_model):
+    import leanlm
+    from leanlm.model.layout import FINAL_NORM
+
+    cfg = tiny_cfg(num_layers=3)
+    m = new_model(cfg, "rezero", seed=3)
+    assert m.config.residual_gates and len(m.residual_gates()) == 6
+    assert all(float(g.detach()) == 0.0 for g in m.residual_gates())
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():  # every block is the identity: logits = head(norm(embedding))
+        direct = m.logits(m.get_submodule(FINAL_NORM)(m.embed(ids)))
+        assert torch.equal(m(ids), direct)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    data = _data(16, 12)
+    cfg_t = TrainConfig(max_steps=12, batch_size=4, lr=1e-2, warmup_steps=0, progress=False)
+    res = train(m, data, cfg_t, loss_fn=_loss)
+    assert res.losses[-1] < res.losses[0] - 0.2
+    assert all(float(g.detach()) != 0.0 for g in m.residual_gates())  # the gates learned
+    with torch.no_grad():
+        trained = m(ids)
+        with pytest.raises(LeanLMError, match="fold_residual_gates"):
+            leanlm.save(m, default_model[1], tmp_path / "unfolded")
+        m.fold_residual_gates()
+        assert not m.config.residual_gates and m.residual_gates() == []
+        assert (m(ids) - trained).abs().max() < 1e-5  # folding keeps the function
+        leanlm.save(m, default_model[1], tmp_path / "rz")
+        back, _ = leanlm.load(tmp_path / "rz")
+        assert (back(ids) - trained).abs().max() < 1e-5
+        assert "residual_gates" not in (tmp_path / "rz" / "config.json").read_text()
+
+
+@pytest.mark.parametrize("post_norms", [False, True])
+def test_rezero_gates_fold_into_moe_experts_and_gemma_post_norms(post_norms):
+    over = dict(model_type="gemma2", post_norms=True, norm_plus_one=True, hidden_act="gelu_pytorch_tanh",
+                attention_bias=False, attention_out_bias=False, mlp_bias=False) if post_norms else dict(
+        model_type="mixtral", num_experts=4, num_experts_per_tok=2, attention_bias=False, attention_out_bias=False,
+        mlp_bias=False)
+    m = randomized(tiny_cfg(residual_gates=True, **over), seed=5)  # randomized: gates away from 0 too
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        ref = m(ids)
+        m.fold_residual_gates()
+        assert (m(ids) - ref).abs().max() < 1e-5
+
+
+def test_mup_scales_hidden_matrices_only_and_the_sgd_step_follows():
+    from leanlm.model.layout import EMBED
+    from leanlm.train.pretrain import apply_mup
+
+    m = randomized(tiny_cfg())
+    for p in m.parameters():
+        p.requires_grad_(True)
+    scales = apply_mup(m, base_width=8)  # hidden 32: hidden matrices at lr / 4
+    twod = {n for n, p in m.named_parameters() if p.dim() == 2}
+    assert set(scales) == twod - {f"{EMBED}.weight"} and set(scales.values()) == {0.25}
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    # the reference gradient, by hand on a copy
+    import copy
+
+    ref = copy.deepcopy(m)
+    ids, labels = collate_rows(_data(4, 12))
+    _loss(ref, ids, labels)[0].backward()
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    train(m, _data(4, 12), TrainConfig(max_steps=1, batch_size=4, lr=0.1, optimizer="sgd", warmup_steps=0,
+                                       max_grad_norm=None, progress=False), loss_fn=_loss)
+    for n, p in m.named_parameters():
+        lr = 0.1 * scales.get(n, 1.0)
+        assert torch.allclose(p.detach(), before[n] - lr * grads[n], atol=1e-6), n
+
+
+def collate_rows(rows):
+    from leanlm.train.loop import collate
+
+    return collate(rows, 0)
+
+
+# ---------------------------------------------------------------- sharded checkpoints across world sizes
+class _Crash(Exception):
+    pass
+
+
+def _train_ck(out, steps=4, crash_at=None, resume=False, fmt="sharded"):
+    """A ReZero model (its [1]-shaped gates shard too) trained with AdamW under a cosine schedule, evaluated
+    and checkpointed every 2 steps; crash_at: stop right after that step (after its checkpoint)."""
+    torch.manual_seed(0)
+    m = randomized(tiny_cfg(residual_gates=True))
+    for p in m.parameters():
+        p.requires_grad_(True)
+    from leanlm.train import distributed
+
+    distributed.shard(m)
+    cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, progress=False, save_every=2,
+                      eval_every=2, checkpoint_format=fmt, out_dir=None if out is None else str(out))
+
+    def cb(step, loss):
+        if step == crash_at:
+            raise _Crash()
+    try:
+        # an evaluation right before each save: FSDP2 leaves the root's parameters gathered after it
+        return train(m, _data(), cfg, eval_data=_data(2, seed=1), loss_fn=_loss, resume=resume, callback=cb).losses
+    except _Crash:
+        return None
+
+
+def _resume_worker(rank, port, two_save, one_save, plain_save, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        _train_ck(two_save, crash_at=2)  # 2 processes save at step 2
+        losses = _train_ck(one_save, resume=True)  # 2 processes resume what 1 process saved
+        plain = _train_ck(plain_save, resume=True)  # ... and a one-process checkpoint of the plain format
+        if rank == 0:
+            out.write_text(json.dumps([losses, plain]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_checkpoints_resume_at_another_world_size(tmp_path):
+    from leanlm.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    whole = _train_ck(None)  # uninterrupted, one process
+    one_save, two_save, out = tmp_path / "one", tmp_path / "two", tmp_path / "losses.json"
+    assert _train_ck(one_save, crash_at=2) is None
+    assert _train_ck(tmp_path / "plain", crash_at=2, fmt="plain") is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_resume_worker, args=(port, two_save, one_save, tmp_path / "plain", out), nprocs=2, join=True)
+    ck = latest_checkpoint(two_save)
+    manifest = json.loads((ck / "state.json").read_text())
+    assert manifest["world_size"] == 2 and len(manifest["files"]) == 2  # each rank wrote its own shards
+    assert not list(ck.rglob(".metadata"))  # no pickle in the folder
+    two_to_one = _train_ck(two_save, resume=True)
+    one_to_two, plain_to_two = json.loads(out.read_text())
+    assert two_to_one == pytest.approx(whole[2:], abs=1e-5)
+    assert one_to_two == pytest.approx(whole[2:], abs=1e-5)
+    assert plain_to_two == pytest.approx(whole[2:], abs=1e-5)
+    # a folder that is not leanlm's, or incomplete, is refused before anything is read
+    m = randomized(tiny_cfg(residual_gates=True))
+    opt = torch.optim.AdamW(m.parameters())
+    (ck / "dcp" / manifest["files"][1]).unlink()
+    with pytest.raises(LeanLMError, match="incomplete or not leanlm's"):
+        load_checkpoint(ck, m, opt)
+    (ck / "state.json").write_text(json.dumps({**manifest, "format": "dcp"}))
+    with pytest.raises(LeanLMError, match="only checkpoints leanlm wrote"):
+        load_checkpoint(ck, m, opt)

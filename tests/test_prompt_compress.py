@@ -14,8 +14,15 @@ from leanlm.errors import LeanLMError
 from tests.test_data_tools import models, paragraphs, tok  # noqa: F401  (fixtures)
 
 
-def reference_prune(model, tokenizer, ids, frac, chunk):
-    """The same selection rule, every surprisal recomputed from scratch without a KV cache."""
+def _surprisal(model, prefix, piece):
+    with torch.no_grad():
+        logits = model(torch.tensor([prefix + piece])).logits[0]
+    return F.cross_entropy(logits[len(prefix) - 1:-1], torch.tensor(piece), reduction="none")
+
+
+def reference_prune(model, tokenizer, ids, frac, chunk, condition=None):
+    """The same selection rule, every surprisal recomputed from scratch without a KV cache (with a
+    condition: surprisal after the kept prefix minus surprisal after condition + kept prefix)."""
     head = [tokenizer.bos_id]
     starts = word_starts(tokenizer, ids)
     kept, carry = [], 0.0
@@ -24,9 +31,10 @@ def reference_prune(model, tokenizer, ids, frac, chunk):
         want = sum(frac[c0:c1]) + carry
         n_keep = max(0, min(len(piece), int(round(want))))
         prefix = head + [ids[i] for i in kept]
-        with torch.no_grad():
-            logits = model(torch.tensor([prefix + piece])).logits[0]
-        surprisal = F.cross_entropy(logits[len(prefix) - 1:-1], torch.tensor(piece), reduction="none").tolist()
+        surprisal = _surprisal(model, prefix, piece)
+        if condition:
+            surprisal = surprisal - _surprisal(model, head + condition + prefix[1:], piece)
+        surprisal = surprisal.tolist()
         words = []
         for j in range(len(piece)):
             if starts[c0 + j] or not words:
@@ -51,6 +59,21 @@ def test_cached_pruning_matches_recomputed_reference(models, tok):  # noqa: F811
     assert got == reference_prune(hf, tok, ids, frac, 40)
     assert abs(len(got) - sum(frac)) <= 12  # whole words: within a word or so per chunk
     assert got == sorted(set(got))
+
+
+def test_contrastive_pruning_matches_recomputed_reference(models, tok):  # noqa: F811
+    hf, lm = models
+    ids = tok.encode(" ".join(paragraphs("calib", 6, min_words=20)), add_special=False)[:150]
+    cond = tok.encode("Who rules the island?\n\n", add_special=False)
+    frac = [0.5] * 150
+    got = prune_tokens(lm, tok, ids, frac, chunk=40, condition=cond)
+    assert got == reference_prune(hf, tok, ids, frac, 40, condition=cond)
+    assert got != prune_tokens(lm, tok, ids, frac, chunk=40)  # the contrast changes the choice
+    docs = paragraphs("calib", 3, min_words=20)
+    res = compress_prompt(docs, "Who rules the island?", rate=0.5, model=lm, tokenizer=tok, contrastive=True)
+    assert 0.4 < res["rate"] < 0.6
+    with pytest.raises(LeanLMError, match="give a question"):
+        compress_prompt(docs, rate=0.5, model=lm, tokenizer=tok, contrastive=True)
 
 
 def test_question_ranking_matches_transformers_losses(models, tok):  # noqa: F811
@@ -99,8 +122,10 @@ def test_bad_input_errors(models, tok, tmp_path, capsys):  # noqa: F811
     bad = tmp_path / "b.txt"
     bad.write_bytes(b"caf\xe9\n")
     assert main(["prompt", "compress", str(bad)]) == 2
+    assert main(["prompt", "compress", str(f), "--contrastive"]) == 2  # no question to contrast with
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(e.startswith("leanlm: error: ") for e in err)
+    assert len(err) == 3 and all(e.startswith("leanlm: error: ") for e in err)
+    assert "give a question" in err[2]
 
 
 @pytest.mark.slow

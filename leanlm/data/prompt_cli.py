@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--rate", type=float, default=0.5, help="fraction of tokens kept, in (0, 1]; 0.5 = 2x")
     c.add_argument("--chunk", type=int, default=128, help="tokens per iterative pruning step")
     c.add_argument("--reorder", action="store_true", help="put the kept documents in rank order")
+    c.add_argument("--contrastive", action="store_true", help="prune tokens by LongLLMLingua's contrastive "
+                   "perplexity (surprisal without minus with the question); needs --question")
     c.add_argument("--model", default=None, help="scorer: Hugging Face folder or .gguf (default: SmolLM2-135M-Instruct)")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--threads", type=int, default=None)
@@ -54,7 +56,8 @@ def run(args) -> int:
     check_rate(args.rate)
     context = _context(args.context)
     model, tok = load_model(args)
-    res = compress_prompt(context, args.question, args.rate, model, tok, chunk=args.chunk, reorder=args.reorder)
+    res = compress_prompt(context, args.question, args.rate, model, tok, chunk=args.chunk, reorder=args.reorder,
+                          contrastive=args.contrastive)
     if args.output:
         atomic_write_text(args.output, res["compressed_prompt"] + "\n")
     else:

@@ -20,9 +20,9 @@ question-aware document ranking (Jiang et al. 2023, EMNLP and ACL 2024).
    name is not cut to its first sub-word.
 
 The question itself is never compressed. Any leanlm model is a scorer (quantized ones too; CPU is
-fine): only forward passes with a KV cache are used. Not implemented from LongLLMLingua: the
-contrastive (question-conditioned) token perplexity, subsequence recovery and document reordering by
-position bias beyond `reorder`.
+fine): only forward passes with a KV cache are used. `contrastive=True` scores tokens by
+LongLLMLingua's contrastive (question-conditioned) perplexity instead. Not implemented from
+LongLLMLingua: subsequence recovery and document reordering by position bias beyond `reorder`.
 """
 from __future__ import annotations
 
@@ -136,16 +136,22 @@ def _chunks(starts: list[bool], size: int):
 
 
 @torch.inference_mode()
-def prune_tokens(model, tokenizer, ids: list[int], keep_frac: list[float], chunk: int = 128) -> list[int]:
+def prune_tokens(model, tokenizer, ids: list[int], keep_frac: list[float], chunk: int = 128,
+                 condition: list[int] | None = None) -> list[int]:
     """Iterative token-level pruning: positions (into ids) kept, in order. keep_frac[i] is token i's
     share of the budget; each chunk keeps about round(sum of its shares) tokens (the rounding carries
     over). Whole words are kept or dropped: a word's score is the highest surprisal of its tokens, so a
-    rare name is not cut to its first piece; words go in from the highest score while they fit."""
+    rare name is not cut to its first piece; words go in from the highest score while they fit.
+
+    With `condition` (the question's token ids), a token's score is LongLLMLingua's contrastive
+    perplexity: its surprisal after the compressed prefix minus its surprisal after the condition and
+    the same prefix (a second KV cache holds condition + kept tokens), so the tokens the question makes
+    more predictable are kept rather than the merely rare ones."""
     from leanlm.data.scoring import start_token
 
     s = start_token(tokenizer)
     head = [s] if s is not None else [ids[0]]
-    max_len = len(head) + len(ids) + 1
+    max_len = len(head) + len(ids) + 1 + (len(condition) if condition else 0)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and max_len > limit:
         raise LeanLMError(f"the context has {len(ids)} tokens after the coarse step, more than the scorer's "
@@ -154,6 +160,9 @@ def prune_tokens(model, tokenizer, ids: list[int], keep_frac: list[float], chunk
     starts = word_starts(tokenizer, ids)
     cache = model.new_cache(1, max_len)
     last = model(torch.tensor([head], device=dev), cache=cache)[0, -1].float()
+    if condition:
+        ccache = model.new_cache(1, max_len)
+        clast = model(torch.tensor([head + list(condition)], device=dev), cache=ccache)[0, -1].float()
     kept, carry = [], 0.0
     for c0, c1 in _chunks(starts, chunk):
         piece = ids[c0:c1]
@@ -168,7 +177,15 @@ def prune_tokens(model, tokenizer, ids: list[int], keep_frac: list[float], chunk
             logits = model(torch.tensor([piece], device=dev), cache=cache)[0].float()
             cache.length = L0  # roll back: only the kept tokens become the prefix
             prev = torch.cat([last[None], logits[:-1]])
-            surprisal = F.cross_entropy(prev, torch.tensor(piece, device=dev), reduction="none").tolist()
+            target = torch.tensor(piece, device=dev)
+            surprisal = F.cross_entropy(prev, target, reduction="none")
+            if condition:
+                C0 = ccache.length
+                clogits = model(torch.tensor([piece], device=dev), cache=ccache)[0].float()
+                ccache.length = C0
+                surprisal = surprisal - F.cross_entropy(torch.cat([clast[None], clogits[:-1]]), target,
+                                                        reduction="none")
+            surprisal = surprisal.tolist()
             words = []  # (score, begin, end) within the piece
             for j in range(len(piece)):
                 if starts[c0 + j] or not words:
@@ -186,14 +203,19 @@ def prune_tokens(model, tokenizer, ids: list[int], keep_frac: list[float], chunk
         if sel:
             out = model(torch.tensor([[piece[i] for i in sel]], device=dev), cache=cache)
             last = out[0, -1].float()
+            if condition:
+                clast = model(torch.tensor([[piece[i] for i in sel]], device=dev), cache=ccache)[0, -1].float()
         kept += [c0 + i for i in sel]
     return kept
 
 
 def compress_prompt(context, question: str | None = None, rate: float = 0.5, model=None, tokenizer=None, *,
                     coarse_slack: float = 2.0, dynamic: float = 0.25, chunk: int = 128, reorder: bool = False,
-                    batch_size: int = 4) -> dict:
+                    batch_size: int = 4, contrastive: bool = False) -> dict:
     """Compress `context` (a string, or a list of documents) to about `rate` of its tokens.
+
+    contrastive: with a question, prune tokens by LongLLMLingua's contrastive perplexity (see
+    prune_tokens; about twice the scoring work) instead of plain surprisal.
 
     Returns {"compressed_prompt" (segments joined by blank lines), "origin_tokens", "compressed_tokens",
     "rate" (compressed / origin), "ratio" (origin / compressed), "kept_segments", "seconds"}; token
@@ -205,6 +227,8 @@ def compress_prompt(context, question: str | None = None, rate: float = 0.5, mod
         raise LeanLMError("need coarse_slack >= 1, chunk >= 1 and 0 <= dynamic < 1")
     if question is not None and not isinstance(question, str):
         raise LeanLMError("question must be a string")
+    if contrastive and not question:
+        raise LeanLMError("contrastive pruning compares surprisal with and without the question; give a question")
     segs = _segments(context)
     if model is None:
         import leanlm
@@ -238,7 +262,8 @@ def compress_prompt(context, question: str | None = None, rate: float = 0.5, mod
             flat += seg_ids[i]
             frac += [fr[j]] * len(seg_ids[i])
             owner += [j] * len(seg_ids[i])
-        keep = prune_tokens(model, tokenizer, flat, frac, chunk)
+        cond = _enc(tokenizer, question + "\n\n") if contrastive and question else None
+        keep = prune_tokens(model, tokenizer, flat, frac, chunk, condition=cond)
         parts = [[] for _ in kept_segs]
         for p in keep:
             parts[owner[p]].append(flat[p])

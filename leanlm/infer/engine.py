@@ -7,6 +7,8 @@ needs a block and none is free, the most recently arrived running sequence is pr
 are released and it is re-queued at the front to be recomputed (prompt + tokens generated so far).
 Full blocks are registered by content hash (the hash chains the whole prefix), so a new request
 whose prompt starts with the same blocks reuses them (prefix caching, ref-counted, LRU eviction).
+Sliding-window layers keep only their window's blocks (leanlm/infer/paged.py): a prefix is shared up
+to the longest cached length whose window the local layers still hold.
 """
 from __future__ import annotations
 
@@ -108,7 +110,8 @@ class Engine:
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 256, max_num_seqs: int = 32, prefix_caching: bool = True,
-                 eos_ids: tuple[int, ...] = (), max_model_len: int | None = None, adapters=None):
+                 eos_ids: tuple[int, ...] = (), max_model_len: int | None = None, adapters=None,
+                 trim_windows: bool = True):
         from leanlm.infer.generate import fuse_for_inference
         from leanlm.model.layout import HEAD, base_model, embedding
 
@@ -131,8 +134,16 @@ class Engine:
             per_tok *= torch.finfo(model.dtype).bits // 8
             want = max_num_seqs * -(-self.max_model_len // block_size)
             num_blocks = max(4, min(want, (1 << 30) // (per_tok * block_size)))
-        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=model.dtype,
-                                  device=self.head.weight.device)
+        # Sliding-window layers hold at most their window (+ a block + a step's tokens) per sequence: their
+        # pool needs room for max_num_seqs of those, not of full contexts.
+        windows = {cfg.window(i) for i in range(cfg.num_layers)} - {None}
+        local_blocks = None
+        if windows and trim_windows:
+            w = windows.pop()
+            per_seq = min(-(-self.max_model_len // block_size), -(-(w - 1 + max_batch_tokens) // block_size) + 1)
+            local_blocks = min(num_blocks, max(per_seq, max_num_seqs * per_seq))
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=model.dtype, device=self.head.weight.device,
+                                  local_blocks=local_blocks, trim_windows=trim_windows)
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.prefix_caching = prefix_caching
         self.eos_ids = tuple(eos_ids)
@@ -165,10 +176,11 @@ class Engine:
             raise LeanLMError(f"engine: seed must be in [0, 2^63), got {params.seed}")
         if adapter and (self.adapters is None or not self.adapters.known(adapter)):
             raise LeanLMError(f"engine: no LoRA adapter with index {adapter} is loaded")
-        total_blocks = -(-min(len(prompt) + nv + params.max_tokens, self.max_model_len) // self.block_size)
-        if total_blocks > self.cache.num_blocks:
-            raise LeanLMError(f"engine: request needs {total_blocks} KV blocks, the cache has "
-                              f"{self.cache.num_blocks}; lower max_tokens or raise num_blocks")
+        total = min(len(prompt) + nv + params.max_tokens, self.max_model_len)
+        for g, need in zip(self.cache.groups, self.cache.blocks_for(total, self.max_batch_tokens)):
+            if need > g.alloc.num_blocks:
+                raise LeanLMError(f"engine: request needs {need} KV blocks, the cache has "
+                                  f"{g.alloc.num_blocks}; lower max_tokens or raise num_blocks")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise LeanLMError(f"engine: request id {rid!r} already in use")
@@ -209,7 +221,7 @@ class Engine:
             self._release_adapter(seq)
         elif seq.status == "waiting":
             self.waiting.remove(seq)
-        if seq.id in self.cache.tables:
+        if seq.id in self.cache.lengths:
             self.cache.free_sequence(seq.id)
         seq.status, seq.finish_reason, seq.finish_time = "finished", reason, time.perf_counter()
         self.seqs.pop(seq.id, None)
@@ -229,37 +241,32 @@ class Engine:
         self.waiting.appendleft(seq)
 
     # ---- prefix cache -------------------------------------------------------------------------
-    def _key(self, seq: Sequence, i: int):
+    def _key(self, seq: Sequence, i: int, prev):
+        """Block i's content key: its tokens, chained to the previous block's key (prev; None for block 0)."""
         toks = seq.tokens[i * self.block_size:(i + 1) * self.block_size]
-        parent = hash(seq.block_keys[i - 1]) if i else ("adapter", seq.adapter)  # K/V depend on the adapter
+        parent = hash(prev) if i else ("adapter", seq.adapter)  # K/V depend on the adapter
         return (parent, tuple(toks))
 
     def _admit(self, seq: Sequence) -> None:
-        """Give a waiting sequence a block table, sharing cached prefix blocks when possible."""
-        shared = []
+        """Give a waiting sequence its block tables, sharing cached prefix blocks when possible."""
+        keys = []
         if self.prefix_caching:
             # keep at least one token to compute: its logits give the next token
             for i in range((len(seq.tokens) - 1) // self.block_size):
-                key = self._key(seq, i)
-                b = self.cache.alloc.lookup(key)
-                if b is None:
-                    break
-                shared.append(b)
-                seq.block_keys.append(key)
-        seq.num_computed = len(shared) * self.block_size
+                keys.append(self._key(seq, i, keys[-1] if keys else None))
+        seq.num_computed = self.cache.add_sequence(seq.id, keys)
+        seq.block_keys = keys[:seq.num_computed // self.block_size]
         if seq.num_preemptions == 0:
             seq.num_cached_prompt = seq.num_computed
             self.stats["prefix_hit_tokens"] += seq.num_computed
-        self.cache.add_sequence(seq.id, shared, seq.num_computed)
 
     def _register_blocks(self, seq: Sequence) -> None:
         if not self.prefix_caching:
             return
-        table = self.cache.tables[seq.id]
         for i in range(len(seq.block_keys), seq.num_computed // self.block_size):
-            key = self._key(seq, i)
+            key = self._key(seq, i, seq.block_keys[-1] if i else None)
             seq.block_keys.append(key)
-            self.cache.alloc.register(table[i], key)
+            self.cache.register(seq.id, i, key)
 
     # ---- scheduling ---------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Sequence, int]]:

@@ -223,6 +223,9 @@ def save_hf_folder(model: Transformer, tokenizer, folder: str | Path, dtype: tor
 
     folder = Path(folder)
     cfg = model.config
+    if cfg.residual_gates:
+        raise LeanLMError(f"{folder}: the model has ReZero residual gates, which its family's checkpoint "
+                          "cannot hold; call model.fold_residual_gates() first (the function is unchanged)")
     tensors, meta = modules.state_for_save(model)
     if cfg.tie_word_embeddings:
         tensors.pop(f"{HEAD}.weight", None)

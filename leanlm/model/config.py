@@ -65,6 +65,10 @@ class ModelConfig:
     layer_num_heads: list[int] | None = None
     layer_num_kv_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
+    # ReZero (Bachlechner et al., 2020): a learnable scalar, initialised to 0, scales each residual branch, so
+    # every block starts as the identity. Training-time only: Transformer.fold_residual_gates() folds the
+    # gates into the branch output projections, so a saved model is a plain checkpoint of its family.
+    residual_gates: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:

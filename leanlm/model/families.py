@@ -170,12 +170,38 @@ def _phi3_hf(cfg) -> dict:
     return d
 
 
+# ---- Qwen2 / Qwen3 / Qwen2-MoE sliding window -------------------------------------------------------
+
+def _qwen_layer_types(d: dict, num_layers: int, alternate: bool = False) -> dict:
+    """Which layers use_sliding_window windows, as transformers 5 reads it: an explicit layer_types list,
+    else Qwen2/Qwen3 window the layers from max_window_layers on, Qwen2-MoE every other layer (0, 2, ...)
+    below max_window_layers. No window in effect: no layer types (every layer global)."""
+    if not (d.get("use_sliding_window") and d.get("sliding_window")):
+        return {"layer_types": None}
+    types = d.get("layer_types")
+    if types is None:
+        m = int(d.get("max_window_layers", 28))
+        sliding = [(i % 2 == 0 and i < m) if alternate else i >= m for i in range(num_layers)]
+        types = ["sliding_attention" if s else "full_attention" for s in sliding]
+    return {"layer_types": list(types)}
+
+
+def _qwen_write_types(cfg) -> dict:
+    """Write the windowed layers out explicitly (transformers prefers layer_types over max_window_layers)."""
+    if cfg.sliding_window is None:
+        return {}
+    return {"layer_types": ["full_attention" if cfg.window(i) is None else "sliding_attention"
+                            for i in range(cfg.num_layers)]}
+
+
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llama", "LlamaForCausalLM", "llama"),
     Family("mistral", "MistralForCausalLM", "llama", gguf_sliding=True),
     Family("qwen2", "Qwen2ForCausalLM", "qwen2", fixed={"attention_bias": True, "attention_out_bias": False},
-           out_bias_follows_qkv=False, sliding_flag="use_sliding_window"),
-    Family("qwen3", "Qwen3ForCausalLM", "qwen3", fixed={"qk_norm": True}, sliding_flag="use_sliding_window"),
+           out_bias_follows_qkv=False, sliding_flag="use_sliding_window", read_config=_qwen_layer_types,
+           write_config=_qwen_write_types),
+    Family("qwen3", "Qwen3ForCausalLM", "qwen3", fixed={"qk_norm": True}, sliding_flag="use_sliding_window",
+           read_config=_qwen_layer_types, write_config=_qwen_write_types),
     # mixtures of experts (leanlm/model/moe.py). llama.cpp writes Mixtral as "llama" with expert tensors.
     Family("mixtral", "MixtralForCausalLM", "llama", fixed={"norm_topk_prob": True}, gguf_moe=True,
            load_keys=moe.mixtral_load_keys, save_keys=moe.mixtral_save_keys,
@@ -183,8 +209,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", out_bias_follows_qkv=False,
            sliding_flag="use_sliding_window", load_keys=moe.split_fused_experts,
            read_config=lambda d, n: {**moe.read_moe_config(d, n, norm_default=False),
+                                     **_qwen_layer_types(d, n, alternate=True),
                                      "attention_bias": bool(d.get("qkv_bias", True)), "attention_out_bias": False},
-           write_config=lambda c: {**moe.write_moe_config(c), "qkv_bias": c.attention_bias}),
+           write_config=lambda c: {**moe.write_moe_config(c), **_qwen_write_types(c), "qkv_bias": c.attention_bias}),
+    # Qwen3-MoE: transformers windows every layer when use_sliding_window is set (no layer types)
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", fixed={"qk_norm": True}, sliding_flag="use_sliding_window",
            load_keys=moe.split_fused_experts, read_config=lambda d, n: moe.read_moe_config(d, n, norm_default=False),
            write_config=moe.write_moe_config),

@@ -320,17 +320,52 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(h, eps, one)
         self.post_norms = cfg.post_norms
         self.mlp = SparseMoE(cfg, layer, lambda w: MLP(cfg, layer, w)) if cfg.is_moe_layer(layer) else MLP(cfg, layer)
+        self.gated = cfg.residual_gates
+        if cfg.residual_gates:  # ReZero: shape [1] rather than a 0-dim scalar, so FSDP2 can shard it
+            self.attn_gate = nn.Parameter(torch.zeros(1))
+            self.mlp_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x, cos, sin, mask, cache):
         if isinstance(cos, dict):
             cos, sin = cos[self.local], sin[self.local]
         if isinstance(mask, dict):
             mask = mask[self.window]
+        gated = self.gated
         if self.post_norms:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            a = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            x = x + (self.attn_gate * a if gated else a)
+            m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + (self.mlp_gate * m if gated else m)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + (self.attn_gate * a if gated else a)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.mlp_gate * m if gated else m)
+
+    @torch.no_grad()
+    def fold_residual_gates_(self) -> None:
+        """Fold the ReZero gates into what writes each branch's output: the attention output projection and
+        every MLP's down projection (a MoE's experts and shared expert alike, since the branch is linear in
+        them), or the post norms where the family has them (Gemma). Then drop the gates."""
+        if not self.gated:
+            return
+        for gate, post_norm, writers in (
+                (self.attn_gate, getattr(self, "post_attention_layernorm", None) if self.post_norms else None,
+                 [self.self_attn.o_proj]),
+                (self.mlp_gate, getattr(self, "post_feedforward_layernorm", None) if self.post_norms else None,
+                 [m.down_proj for m in self.mlp.modules() if isinstance(m, MLP)])):
+            g = gate.detach().float()
+            if post_norm is not None:
+                w = post_norm.weight
+                w.copy_((((1.0 + w.float()) * g - 1.0) if post_norm.plus_one else w.float() * g).to(w.dtype))
+                continue
+            for lin in writers:
+                if type(lin) is not nn.Linear:
+                    raise ValueError("fold_residual_gates: the branch output projection is not a plain Linear")
+                lin.weight.mul_(g.to(lin.weight.dtype))
+                if lin.bias is not None:
+                    lin.bias.mul_(g.to(lin.bias.dtype))
+        del self.attn_gate, self.mlp_gate
+        self.gated = False
 
 
 class Decoder(nn.Module):
@@ -419,6 +454,22 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         return self.logits(x)
+
+    def residual_gates(self) -> list[nn.Parameter]:
+        """The ReZero gates (empty unless the config has residual_gates)."""
+        return [p for layer in self.model.layers for p in (getattr(layer, "attn_gate", None),
+                                                             getattr(layer, "mlp_gate", None)) if p is not None]
+
+    def fold_residual_gates(self) -> "Transformer":
+        """Fold every ReZero gate into its branch's output projection (the function is unchanged) and clear
+        config.residual_gates: the model becomes a plain checkpoint of its family (saved, run, converted
+        like any other)."""
+        import dataclasses
+
+        for layer in self.model.layers:
+            layer.fold_residual_gates_()
+        self.config = dataclasses.replace(self.config, residual_gates=False)
+        return self
 
     def fuse_projections(self) -> "Transformer":
         """Inference speed-up: q/k/v and gate/up each run as one matmul. Weights are shared, not copied;

@@ -55,6 +55,15 @@ def mean_over_ranks(x: float) -> float:
     return float(t) / dist.get_world_size()
 
 
+def from_every_rank(x: float) -> list[float]:
+    """x from each rank, in rank order ([x] on one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [x]
+    out = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([x], dtype=torch.float64))
+    return [float(t) for t in out]
+
+
 def finish() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -48,6 +48,10 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_last: int = 2
+    # plain: safetensors of the whole trainable tensors, written by rank 0 (one process);
+    # sharded: torch.distributed.checkpoint, every rank its shards, resumable at any world size (always
+    # used under torchrun)
+    checkpoint_format: str = "plain"
     out_dir: str | None = None  # checkpoints + log.jsonl
     seed: int = 0
     progress: bool = True
@@ -217,13 +221,16 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
     log = out / "log.jsonl" if out else None
     step, position = 0, 0
     torch.manual_seed(cfg.seed)
+    if cfg.checkpoint_format not in ("plain", "sharded"):
+        raise LeanLMError(f"checkpoint_format {cfg.checkpoint_format!r}: choose plain or sharded")
+    sharded = cfg.checkpoint_format == "sharded" or world > 1
     if resume:
         ck = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else (
             latest_checkpoint(out) if out else None)
         if ck is not None:
-            st = load_checkpoint(ck, model, opt)
+            st = load_checkpoint(ck, model, opt)  # either format, saved at any world size
             step, position = st["step"], st["position"]
-            if log:
+            if log and rank == 0:
                 _rewind_log(log, step)
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -291,11 +298,16 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
             if bar is not None:
                 bar.update(task, completed=step,
                            description=f"loss {loss_val:.4f}  {rec['tok_per_s']:.0f} tok/s")
-            if out and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps) and rank == 0:
+            if out and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
                 # a schedule-free checkpoint holds the training point y (its state holds z): resume continues
                 # exactly; the model saved at the end holds the average x
-                save_checkpoint(out, model, opt, {"step": step, "position": position, "config": asdict(cfg)},
-                                keep_last=cfg.keep_last)
+                meta = {"step": step, "position": position, "config": asdict(cfg)}
+                if sharded:  # a collective: every rank writes its shards
+                    from leanlm.train.sharded_checkpoint import save_sharded_checkpoint
+
+                    save_sharded_checkpoint(out, model, opt, meta, keep_last=cfg.keep_last)
+                elif rank == 0:
+                    save_checkpoint(out, model, opt, meta, keep_last=cfg.keep_last)
             if callback is not None:
                 callback(step, loss_val)
     finally:

@@ -25,7 +25,7 @@ BUILTIN: dict[str, dict] = {
     "medium": dict(hidden_size=384, intermediate_size=1024, num_layers=12, num_heads=6, num_kv_heads=2),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3),
 }
-INITS = ("normal", "deepnet", "zero-out")
+INITS = ("normal", "deepnet", "zero-out", "rezero")
 
 
 def builtin_config(name: str, tokenizer, max_len: int = 2048) -> ModelConfig:
@@ -56,9 +56,13 @@ def init_weights(model: Transformer, scheme: str = "normal", std: float = 0.02, 
     """normal: N(0, std) matrices, unit norms, zero biases. deepnet: as normal, with the residual-branch
     matrices (v, o, MLP) scaled by (8 N)^(-1/4) (DeepNet, Wang et al. 2022, for pre-norm). zero-out: the
     matrices that write into the residual stream (o, down) start at zero, so every block starts as the
-    identity (the output projections of GPT-2/nanoGPT-style zero-init)."""
+    identity (the output projections of GPT-2/nanoGPT-style zero-init). rezero: as normal, and every
+    residual branch's ReZero gate at 0 (the config needs residual_gates: `new_model(cfg, "rezero")` sets it),
+    so every block starts as the identity while its weights do not start at zero."""
     if scheme not in INITS:
         raise LeanLMError(f"unknown init {scheme!r}; choose {', '.join(INITS)}")
+    if scheme == "rezero" and not model.config.residual_gates:
+        raise LeanLMError("init rezero: the model has no residual gates (build it with new_model(cfg, 'rezero'))")
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() >= 2:
@@ -67,8 +71,10 @@ def init_weights(model: Transformer, scheme: str = "normal", std: float = 0.02, 
             p.zero_()
         else:
             p.fill_(1.0)
+    for gate in model.residual_gates():
+        gate.zero_()
     lay, cfg = layout_of(model), model.config
-    if scheme == "normal":
+    if scheme in ("normal", "rezero"):
         return model
     beta = (8 * cfg.num_layers) ** -0.25
     for i, blk in enumerate(blocks(model)):
@@ -81,8 +87,36 @@ def init_weights(model: Transformer, scheme: str = "normal", std: float = 0.02, 
 
 
 def new_model(cfg: ModelConfig, init: str = "normal", seed: int = 0) -> Transformer:
+    """A model of shape cfg initialised by `init` (rezero turns the config's residual gates on)."""
     torch.manual_seed(seed)
+    if init == "rezero":
+        cfg = dataclasses.replace(cfg, residual_gates=True)
     return init_weights(Transformer(cfg), init, seed=seed)
+
+
+MUP_OPTIMIZERS = ("adamw", "lion", "adafactor", "schedule-free", "sgd")
+
+
+def apply_mup(model, base_width: int) -> dict[str, float]:
+    """muP's learning-rate rule for Adam-style optimizers (Yang et al., 2021, Tensor Programs V, table 3):
+    every hidden matrix (the 2-D weights inside the blocks, whose fan-in grows with the width) trains at
+    lr x base_width / hidden_size; the embedding, the output head and 1-D parameters (norms, biases, gates)
+    keep lr. Sets `lr_scale` on those parameters (the training loop gives each scale its own parameter
+    group); call it after FSDP2 sharding, which replaces the parameter objects. Returns {name: scale}.
+
+    Not applied: muP's output multiplier (logits x base_width / width) and 1/d attention scaling; every
+    built-in shape ties the head to the embedding, which muP treats as an input weight."""
+    from leanlm.model.layout import block_index
+
+    if base_width < 1:
+        raise LeanLMError("--mup-base-width must be at least 1")
+    scale = base_width / model.config.hidden_size
+    out = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and block_index(name) is not None:
+            p.lr_scale = scale
+            out[name] = scale
+    return out
 
 
 # ---------------------------------------------------------------- corpus
@@ -223,7 +257,7 @@ def step_flops(model, tokens: int) -> float:
     return 6.0 * model.num_parameters() * tokens
 
 
-__all__ = ["BUILTIN", "builtin_config", "new_model", "init_weights", "read_documents", "pack", "grow_depth",
+__all__ = ["BUILTIN", "builtin_config", "new_model", "init_weights", "apply_mup", "read_documents", "pack", "grow_depth",
            "grow_width", "to_mqa", "kv_bytes_per_token", "step_flops", "upcycle_moe", "load_balancing_loss",
            "moe_loss"]
 

@@ -3,9 +3,11 @@
 CONFIG is a built-in shape (tiny, small, medium, smollm2-135m), a config.json, or a model folder (its
 weights are the starting point). Text is tokenized with the default model's tokenizer (or --tokenizer /
 the folder's), packed into rows of --seq-len tokens with a held-out validation split, and trained by the one
-loop (progress, checkpoints with exact resume, log.jsonl). OUT gets the model folder (OUT/model), the loss
-curve (OUT/loss.png) and log.jsonl. Under `torchrun --nproc_per_node N -m leanlm pretrain ...` the same
-command shards the model with FSDP2 and splits the global --batch-size over the processes.
+loop (progress, log.jsonl, sharded checkpoints through torch.distributed.checkpoint with exact resume at
+any number of processes: `--resume` continues on 1 process a run saved by 2, or the reverse). OUT gets
+the model folder (OUT/model), the loss curve (OUT/loss.png) and log.jsonl. Under
+`torchrun --nproc_per_node N -m leanlm pretrain ...` the same command shards the model with FSDP2 and
+splits the global --batch-size over the processes.
 """
 from __future__ import annotations
 
@@ -38,7 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="cosine", choices=list(SCHEDULES))
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--init", default="normal", choices=list(INITS))
+    p.add_argument("--init", default="normal", choices=list(INITS),
+                   help="rezero: a learnable gate at 0 on every residual branch (folded into the output "
+                        "projections when the model is saved, so OUT/model is a plain checkpoint)")
+    p.add_argument("--mup-base-width", type=int, default=None, metavar="N",
+                   help="muP learning rates: hidden matrices train at lr x N / hidden_size (tune lr at width N, "
+                        "reuse it at any width); embedding, head and 1-D parameters keep lr")
     p.add_argument("--convert", default=None, metavar="moe:EXPERTSxK|mqa:KV|grow:depth|grow:width",
                    help="convert the starting model before training: sparse upcycling into a MoE (e.g. moe:8x2), "
                         "GQA -> fewer KV heads by mean-pooling (mqa:1), or function-preserving growth")
@@ -176,12 +183,19 @@ def run(args) -> int:
     model, source = _model(args, tok)
     n_params = model.num_parameters()
     distributed.shard(model, bf16=args.bf16 and world > 1)
+    if args.mup_base_width is not None:
+        from leanlm.train.pretrain import MUP_OPTIMIZERS, apply_mup
+
+        if args.optimizer not in MUP_OPTIMIZERS:
+            raise LeanLMError(f"--mup-base-width applies to {', '.join(MUP_OPTIMIZERS)} (Muon and Adam-mini set "
+                              "their own per-matrix scales)")
+        apply_mup(model, args.mup_base_width)
     out = Path(args.output)
     cfg = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                       warmup_steps=args.warmup, bf16=args.bf16 and world == 1,
                       grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every,
-                      save_every=args.save_every if world == 1 else 0, out_dir=str(out), seed=args.seed,
+                      save_every=args.save_every, checkpoint_format="sharded", out_dir=str(out), seed=args.seed,
                       progress=not args.no_progress and not args.json, pad_id=0)
     t0 = time.perf_counter()
     loss_fn = full_sequence_loss
@@ -194,10 +208,12 @@ def run(args) -> int:
     val = evaluate_loss(model, val_rows, args.batch_size) if world == 1 else distributed.mean_over_ranks(
         evaluate_loss(model, val_rows[rank::world] or val_rows, max(1, args.batch_size // world)))
     state = distributed.full_state_dict(model) if world > 1 else None
+    rss = distributed.from_every_rank(res.peak_rss_mb)
     result = {"model": args.model, "source": source, "params": n_params, "optimizer": args.optimizer,
               "steps": res.steps, "processes": world, "train_rows": len(train_rows), "val_rows": len(val_rows),
               "seq_len": args.seq_len, "tokens_per_s": round(res.tokens_per_s * world, 1),
-              "seconds": round(wall, 1), "peak_rss_mb": round(res.peak_rss_mb, 1),
+              "seconds": round(wall, 1), "peak_rss_mb": round(max(rss), 1),
+              "peak_rss_mb_per_process": [round(r, 1) for r in rss],
               "first_loss": res.losses[0] if res.losses else None,
               "final_loss": res.losses[-1] if res.losses else None, "val_loss": round(val, 6),
               "output": str(out)}
@@ -210,6 +226,8 @@ def run(args) -> int:
             plain = new_model(model.config)
             plain.load_state_dict(state)
             model = plain
+        if model.config.residual_gates:  # the saved model is a plain checkpoint of its family
+            model.fold_residual_gates()
         leanlm.save(model, tok, out / "model")
         log = out / "log.jsonl"
         if log.exists():
