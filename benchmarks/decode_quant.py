@@ -27,6 +27,9 @@ VARIANTS = {
         "- {method: rtn, bits: 4, group_size: 32, sym: false}\n"
         "- {method: rtn, bits: 8, group_size: 0, targets: ['embed_tokens']}"),
     "w3a16 g128 sym": "- {method: rtn, bits: 3, group_size: 128}",
+    "bitnet158 ternary (2-bit codes; int8 activations)": "- {method: bitnet158}",
+    "bitnet158 ternary + int8 embedding/head": ("- {method: bitnet158}\n"
+                                                "- {method: rtn, bits: 8, group_size: 0, targets: ['embed_tokens']}"),
 }
 
 

@@ -54,8 +54,8 @@ def job(a) -> dict:
     apply_recipe(model, load_recipe(a.recipe), samples, progress=False)
     out["compress_s"] = time.perf_counter() - t0
     out["ppl_compressed"] = ppl(model)
-    cfg = DistillStepConfig(loss=a.loss, steps=a.steps, lr=a.lr, scales_lr=a.scales_lr, batch_size=a.batch,
-                            seq_len=a.seq_len, temperature=a.temperature, progress=False)
+    cfg = DistillStepConfig(loss=a.loss, steps=a.steps, lr=a.lr, scales_lr=a.scales_lr, ternary_lr=a.ternary_lr,
+                            batch_size=a.batch, seq_len=a.seq_len, temperature=a.temperature, progress=False)
     steps = []
     t1 = time.perf_counter()
 
@@ -75,6 +75,9 @@ def job(a) -> dict:
     out["recovered_share"] = (out["ppl_compressed"] - out["ppl_recovered"]) / inc if inc > 0 else None
     out["peak_rss_mb"] = peak_rss_mb()
     out["loadavg"] = os.getloadavg()
+    if a.save:  # the recovered model as leanlm saves it (its size on disk)
+        folder = leanlm.save(model, tok, a.save)
+        out["saved_mb"] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
     return out
 
 
@@ -84,7 +87,8 @@ def many(a) -> int:
     base = [sys.executable, os.path.abspath(__file__), "job", "--budget-s", str(a.budget_s), "--steps", str(a.steps),
             "--threads", str(a.threads), "--eval-chars", str(a.eval_chars), "--batch", str(a.batch),
             "--seq-len", str(a.seq_len), "--samples", str(a.samples), "--lr", str(a.lr),
-            "--scales-lr", str(a.scales_lr)] + (["--model", a.model] if a.model else [])
+            "--scales-lr", str(a.scales_lr), "--ternary-lr", str(a.ternary_lr)]
+    base += ["--model", a.model] if a.model else []
     for i, (recipe, loss) in enumerate(jobs):
         cores = ",".join(str(i * a.threads + c) for c in range(a.threads))
         cmd = (["taskset", "-c", cores] if a.pin else []) + base + ["--recipe", recipe, "--loss", loss]
@@ -123,6 +127,7 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=240)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--scales-lr", type=float, default=1e-5)
+    p.add_argument("--ternary-lr", type=float, default=5e-4, help="BitLinear latent weights (bitnet158)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--samples", type=int, default=64)
@@ -131,6 +136,7 @@ def main() -> int:
     p.add_argument("--eval-chars", type=int, default=20000)
     p.add_argument("--pin", action="store_true", help="many: pin each job to its own cores with taskset")
     p.add_argument("--out", default=None)
+    p.add_argument("--save", default=None, help="job: save the recovered model to this folder")
     a = p.parse_args()
     if a.mode == "job":
         print(json.dumps(job(a)), flush=True)

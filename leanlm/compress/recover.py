@@ -7,7 +7,13 @@ when a recipe holds a distill step). What trains, with the teacher's distributio
   pruning step set to zero stay zero (their gradient is masked, so sparsity and 2:4 patterns survive);
 - quantized linears (`QuantLinear`): the integer codes stay frozen and the per-group scales and offsets
   train (end-to-end training of the quantization parameters, as EfficientQAT's E2E-QP does); they are
-  stored back in fp16, so the model keeps its packed format and speed.
+  stored back in fp16, so the model keeps its packed format and speed;
+- ternary linears (`BitLinear`, BitNet b1.58): quantization-aware training through a float latent weight,
+  fake-quantized (ternary weights, 8-bit activations, straight-through gradient) at every forward and packed
+  again at the end; the latent weight starts from the teacher's float weight of that layer when it
+  quantizes to exactly the layer's codes (the usual `bitnet158+distill`), else from the codes themselves.
+  It trains when float weights train, at `ternary_lr` (BitNet trains at far higher rates than fine-tuning:
+  a weight must move about half its layer's absmean to change its code).
 The training text is the recipe's calibration samples (`leanlm compress --samples N --seq-len L`),
 cut into windows of `seq_len` tokens.
 """
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from leanlm.compress.quant.bitnet import BitLinear
 from leanlm.compress.quant.grid import MASK_MIN_FRACTION
 from leanlm.compress.quant.qlinear import QuantLinear
 from leanlm.errors import LeanLMError
@@ -31,9 +38,15 @@ class DistillStepConfig(DistillConfig):
     scales_lr: float = 1e-5  # quantization scales/offsets (AdamW steps are absolute; scales are ~1e-2)
     train_float: bool = True  # float weights (linears, norms, embedding) train
     train_scales: bool = True  # quantized linears' scales and offsets train
+    ternary_lr: float = 5e-4  # BitLinear latent weights
     progress: bool = True
     targets: list | None = None
     ignore: list | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not (self.scales_lr > 0 and self.ternary_lr > 0):
+            raise LeanLMError(f"scales_lr and ternary_lr must be > 0 (got {self.scales_lr}, {self.ternary_lr})")
 
 
 def _quant_params(model) -> list[tuple[QuantLinear, list[str]]]:
@@ -44,8 +57,9 @@ def _quant_params(model) -> list[tuple[QuantLinear, list[str]]]:
     return out
 
 
-def make_trainable(model, cfg: DistillStepConfig):
-    """Set requires_grad on what trains; returns an undo() that freezes again and restores packed storage."""
+def make_trainable(model, cfg: DistillStepConfig, original=None):
+    """Set requires_grad on what trains; returns an undo() that freezes again and restores packed storage.
+    original: the model before the recipe (BitLinear latent weights start from its float weights)."""
     hooks, was = [], {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -67,10 +81,17 @@ def make_trainable(model, cfg: DistillStepConfig):
             p.lr_scale = cfg.scales_lr / cfg.lr  # the training loop gives it its own parameter group
             setattr(m, n, p)
         m._kernel = None
+    ternary = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)] if cfg.train_float else []
+    for n, m in ternary:
+        src = _float_weight(original, n)
+        p = m.begin_latent(src)
+        p.lr_scale = cfg.ternary_lr / cfg.lr
 
     def undo():
         for h in hooks:
             h.remove()
+        for _, m in ternary:
+            m.end_latent()
         for m, names in quant:
             for n in names:
                 t = getattr(m, n).detach().half()
@@ -80,6 +101,16 @@ def make_trainable(model, cfg: DistillStepConfig):
         for p, r in was.items():
             p.requires_grad_(r)
     return undo
+
+
+def _float_weight(original, name: str):
+    if original is None:
+        return None
+    try:
+        m = original.get_submodule(name)
+    except AttributeError:
+        return None
+    return m.weight if type(m) is nn.Linear else None
 
 
 def windows(samples: torch.Tensor, seq_len: int) -> list[dict]:
@@ -95,7 +126,7 @@ def distill_step(model, cfg: DistillStepConfig, modules, samples, original=None,
     if samples is None:
         raise LeanLMError("the distill step needs calibration samples as training text")
     data = windows(samples, cfg.seq_len)
-    undo = make_trainable(model, cfg)
+    undo = make_trainable(model, cfg, original)
     try:
         if not any(p.requires_grad for p in model.parameters()):
             raise LeanLMError("the distill step found nothing to train (train_float and train_scales are off)")

@@ -6,6 +6,7 @@ import torch.nn as nn
 from leanlm.compress.calibrate import Method
 from leanlm.compress.quant.embedding import QuantEmbedding
 from leanlm.compress.quant.awq import AWQConfig, awq_block
+from leanlm.compress.quant.bitnet import BitLinear, BitNetConfig, bitnet_solve
 from leanlm.compress.quant.gptq import GPTQConfig, gptq_accumulate, gptq_init, gptq_solve
 from leanlm.compress.quant.int8 import W8A8Linear
 from leanlm.compress.quant.llmint8 import LLMInt8Config, llmint8_accumulate, llmint8_init, llmint8_solve
@@ -22,7 +23,8 @@ METHODS: dict[str, tuple[type, Method]] = {
     "smoothquant": (SmoothQuantConfig, Method(block=smoothquant_block, replaces=True)),
     "llmint8": (LLMInt8Config, Method(init=llmint8_init, accumulate=llmint8_accumulate, solve=llmint8_solve,
                                       replaces=True)),
+    "bitnet158": (BitNetConfig, Method(solve=bitnet_solve, needs_data=False, replaces=True)),
 }
 
-__all__ = ["QuantEmbedding", "METHODS", "QuantLinear", "NF4Linear", "W8A8Linear", "RTNConfig", "GPTQConfig",
-           "AWQConfig", "NF4Config", "SmoothQuantConfig", "LLMInt8Config"]
+__all__ = ["QuantEmbedding", "METHODS", "QuantLinear", "NF4Linear", "W8A8Linear", "BitLinear", "RTNConfig",
+           "GPTQConfig", "AWQConfig", "NF4Config", "SmoothQuantConfig", "LLMInt8Config", "BitNetConfig"]
