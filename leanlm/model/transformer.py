@@ -179,8 +179,8 @@ def fused_weight(owner: nn.Module, name: str, mods: tuple):
     keys = [_key_tensor(m) for m in mods]
     # A compiled step cannot read storage addresses; it was traced right after an eager check (and the
     # compiled decoder re-checks eagerly before every generation).
-    moved = not torch.compiler.is_compiling() and tuple(k.data_ptr() for k in keys) != ptrs
-    if (tuple(type(m) for m in mods) != types or any(k is None for k in keys) or moved
+    if (tuple(type(m) for m in mods) != types or any(k is None for k in keys)
+            or (not torch.compiler.is_compiling() and tuple(k.data_ptr() for k in keys) != ptrs)
             or keys[0].dtype != dtype):
         del owner.__dict__[name]  # stale: free it
         return None
