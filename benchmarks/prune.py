@@ -51,7 +51,7 @@ def one(args) -> dict:
 
     import leanlm
     from leanlm.compress.recipe import apply_recipe, load_recipe
-    from leanlm.data.text import calibration_samples, packaged_text
+    from leanlm.data import calibration_samples, packaged_text
     from leanlm.eval.perplexity import perplexity
     from leanlm.io.checkpoint import save_hf_folder
 
@@ -99,7 +99,7 @@ def speed_all(args) -> dict:
 
     import leanlm
     from leanlm.compress.recipe import apply_recipe, load_recipe
-    from leanlm.data.text import calibration_samples
+    from leanlm.data import calibration_samples
     from leanlm.eval.bench import time_decode
 
     torch.manual_seed(0)

@@ -331,7 +331,6 @@ def test_structured_per_layer_expert_widths_round_trip(qwen2, tmp_path):
 def test_structured_recipe_on_moe_with_unused_experts(qwen2, importance):
     """Calibrated importance on single tokens: unused experts (no inputs, no gradients) fall back to
     magnitude scores; the target is met, every expert of a layer keeps one width, the router stays."""
-    from leanlm.compress.prune import structured as st
 
     m = copy.deepcopy(qwen2)
     unused, _ = unused_experts(m, ONE_TOKEN)

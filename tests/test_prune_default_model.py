@@ -8,7 +8,7 @@ from leanlm.compress.prune.methods import SOLVERS, PruneConfig, layer_error
 @pytest.mark.slow
 def test_real_layer_errors_order():
     import leanlm
-    from leanlm.data.text import calibration_samples
+    from leanlm.data import calibration_samples
 
     model, tok = leanlm.load()
     samples = calibration_samples(tok, 2, 128, seed=0)

@@ -189,7 +189,7 @@ def test_sparse24_wanda_gptq_recipe_keeps_24_through_save_and_load(tmp_path):
 @pytest.mark.slow
 def test_real_layer_gptq_after_wanda_beats_rtn_after_wanda():
     import leanlm
-    from leanlm.data.text import calibration_samples
+    from leanlm.data import calibration_samples
 
     model, tok = leanlm.load()
     samples = calibration_samples(tok, 2, 128, seed=0)

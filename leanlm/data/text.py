@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from leanlm.errors import LeanLMError
 
@@ -108,10 +107,3 @@ def _encode(tokenizer, text: str) -> list[int]:
     except TypeError:  # a tokenizer whose encode takes only the text
         return list(tokenizer.encode(text))
 
-
-def calibration_samples(tokenizer, n: int, seq_len: int, path: str | Path | None = None,
-                        seed: int = 0) -> torch.Tensor:
-    """`n` windows of `seq_len` token ids from a calibration spec; see leanlm.data.calib (default: the mix)."""
-    from leanlm.data.calib import calibration_samples as draw
-
-    return draw(tokenizer, n, seq_len, path=path, seed=seed)
