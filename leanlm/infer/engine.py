@@ -139,7 +139,7 @@ class Engine:
         windows = {cfg.window(i) for i in range(cfg.num_layers)} - {None}
         local_blocks = None
         if windows and trim_windows:
-            w = windows.pop()
+            w = max(windows)  # every local group gets this pool size: the widest window must fit
             per_seq = min(-(-self.max_model_len // block_size), -(-(w - 1 + max_batch_tokens) // block_size) + 1)
             local_blocks = min(num_blocks, max(per_seq, max_num_seqs * per_seq))
         self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=model.dtype, device=self.head.weight.device,
