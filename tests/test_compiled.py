@@ -109,12 +109,12 @@ def test_bucket(n, size):
 def test_auto_decodes_eagerly_until_the_shape_is_compiled():
     m = to_leanlm(tiny_hf("llama", seed=16))
     dec = compiled.decoder_for(m)
-    assert compiled.auto_decoder(m, None, 1, 300, 290) is None  # eager by default
-    assert compiled.auto_decoder(m, True, 1, 300, 290) is dec
-    assert compiled.auto_decoder(m, False, 1, 300, 290) is None
+    assert compiled.auto_decoder(m, None, 1, 300) is None  # eager by default
+    assert compiled.auto_decoder(m, True, 1, 300) is dec
+    assert compiled.auto_decoder(m, False, 1, 300) is None
     _tokens(m, [[1, 2]], 3, True)
-    assert compiled.auto_decoder(m, None, 1, 40, 4) is dec  # compiled for this shape already: used
-    assert compiled.auto_decoder(m, None, 2, 40, 4) is None  # another batch size would compile again
+    assert compiled.auto_decoder(m, None, 1, 40) is dec  # compiled for this shape already: used
+    assert compiled.auto_decoder(m, None, 2, 40) is None  # another batch size would compile again
 
 
 def test_cli_compile_flag():

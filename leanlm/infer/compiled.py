@@ -246,14 +246,14 @@ def compiled_decoder(model, kv_bits=None) -> CompiledDecoder | None:
     return None if dec.failed else dec
 
 
-def auto_decoder(model, compile: bool | None, batch: int, max_len: int, steps: int,
-                 kv_bits=None) -> CompiledDecoder | None:
-    """The decoder a generation should use: compile True (where supported), False (never) or None (auto)."""
+def auto_decoder(model, compile: bool | None, batch: int, max_len: int, kv_bits=None) -> CompiledDecoder | None:
+    """The decoder a generation should use: compile True (where supported), False (never) or None (auto:
+    only where this model's step for this shape was already compiled in the process)."""
     if compile is False:
         return None
-    dec = compiled_decoder(model, kv_bits)
-    if dec is None or compile:
-        return dec
-    warm = (batch, bucket(max_len), model.dtype) in dec._warm
-    return dec if warm else None
+    if compile is None:
+        dec = _DECODERS.get(model)
+        if dec is None or (batch, bucket(max_len), model.dtype) not in dec._warm:
+            return None
+    return compiled_decoder(model, kv_bits)
 

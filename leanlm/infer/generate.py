@@ -40,7 +40,7 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig,
         ids[i, P - len(p):] = torch.tensor(p)
         valid[i, P - len(p):] = True
     valid = None if bool(valid.all()) else valid
-    dec = auto_decoder(model, cfg.compile, B, P + cfg.max_new_tokens, cfg.max_new_tokens, cfg.kv_bits)
+    dec = auto_decoder(model, cfg.compile, B, P + cfg.max_new_tokens, cfg.kv_bits)
     if cfg.kv_bits:
         from leanlm.infer.kv_quant import QuantizedKVCache
 
