@@ -97,7 +97,8 @@ def job_leanlm(a) -> dict:
     student, tok = leanlm.load(a.student, dtype=torch.float32)
     # what `leanlm distill --loss jsd --beta 0.5 --warmup 0` builds (leanlm/train/distill_cli.py)
     cfg = DistillStepConfig(loss="jsd", beta=0.5, temperature=1.0, steps=a.steps, lr=a.lr, batch_size=a.batch,
-                            seq_len=a.seq_len, warmup=0, seed=a.seed, progress=False)
+                            seq_len=a.seq_len, warmup=0, seed=a.seed, progress=False, on_policy=a.lmbda,
+                            on_policy_prompt=a.prompt_tokens, on_policy_tokens=a.new_tokens)
     cfg.validate()
     undo = make_trainable(student, cfg)
     ends, cpu, losses = [], [], []
@@ -106,7 +107,8 @@ def job_leanlm(a) -> dict:
         ends.append(time.perf_counter())
         cpu.append(time.process_time())
         losses.append(loss)
-    run_dir = work / "leanlm-run"
+    tag = "" if not a.lmbda else f"-lmbda{a.lmbda}"
+    run_dir = work / f"leanlm-run{tag}"
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     distill(student, teacher, rows, cfg, out_dir=str(run_dir), progress=False, pad_id=tok.pad_id or 0, callback=cb)
@@ -114,12 +116,13 @@ def job_leanlm(a) -> dict:
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     undo()
     log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
-    leanlm.save(student, tok, work / "student-leanlm")
-    return {"trainer": "leanlm", "steps": len(losses), "losses": losses, "lrs": [r["lr"] for r in log],
+    leanlm.save(student, tok, work / f"student-leanlm{tag}")
+    return {"trainer": "leanlm", "lmbda": a.lmbda, "steps": len(losses), "losses": losses,
+            "lrs": [r["lr"] for r in log],
             "startup_s": t0 - t_start, "first_step_s": ends[0] - t0,
             "s_per_step": (ends[-1] - ends[0]) / max(1, len(ends) - 1),
             "cpu_s_per_step": (cpu[-1] - cpu[0]) / max(1, len(cpu) - 1), "peak_rss_mb": peak,
-            "trainable": trainable, "output": str(work / "student-leanlm")}
+            "trainable": trainable, "output": str(work / f"student-leanlm{tag}")}
 
 
 # ---- stage 4: TRL's GKDTrainer (run by the venv's python) -----------------------------------------
@@ -242,8 +245,9 @@ def run(a) -> int:
         raise SystemExit(f"the two losses disagree on the same logits: {res['check']}")
     models = ["--teacher", prep["teacher"], "--student", prep["student"]]
     jobs = [("leanlm", sys.executable, []), ("trl", a.trl_python, [])]
-    if a.lmbda_row:
-        jobs.append(("trl_on_policy", a.trl_python, ["--lmbda", str(a.lmbda_row), "--new-tokens", str(a.new_tokens)]))
+    if a.lmbda_row:  # on-policy: both sample --new-tokens after --prompt-tokens of each row, at temperature 1
+        x = ["--lmbda", str(a.lmbda_row), "--new-tokens", str(a.new_tokens), "--prompt-tokens", str(a.prompt_tokens)]
+        jobs += [("leanlm_on_policy", sys.executable, x), ("trl_on_policy", a.trl_python, x)]
     before = None
     if a.parallel:  # all trainings (and the student's perplexity before) at once: each sees the same load
         before = stage(sys.executable, "eval", a, ["--folders", prep["student"]])
@@ -269,15 +273,17 @@ def run(a) -> int:
     lr_diff = max(abs(x - y) / y for x, y in zip(res["leanlm"]["lrs"], res["trl"]["lrs"]))
     res["max_lr_rel_diff"] = lr_diff
     res["first_loss_diff"] = abs(res["leanlm"]["losses"][0] - res["trl"]["losses"][0])
-    ln, tr = res["leanlm"], res["trl"]
     print("| trainer | steps | ppl before | ppl after | s/step | CPU s/step | peak RSS MB | first loss | last loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        name = "leanlm distill" if r["trainer"] == "leanlm" else f"TRL GKDTrainer (lmbda {r['lmbda']})"
+        name = f"leanlm distill (lmbda {r['lmbda']})" if r["trainer"] == "leanlm" else \
+            f"TRL GKDTrainer (lmbda {r['lmbda']})"
         print(f"| {name} | {r['steps']} | {res['ppl_before']:.2f} | {r['ppl_after']:.2f} | {r['s_per_step']:.2f} | "
               f"{r['cpu_s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |")
-    print(f"| leanlm / TRL | | | {ln['ppl_after'] / tr['ppl_after']:.3f} | {ln['s_per_step'] / tr['s_per_step']:.3f} "
-          f"| {ln['cpu_s_per_step'] / tr['cpu_s_per_step']:.3f} | {ln['peak_rss_mb'] / tr['peak_rss_mb']:.3f} | | |")
+    for ln, tr in zip(rows[0::2], rows[1::2]):  # (leanlm, TRL) pairs: off-policy, then on-policy
+        print(f"| leanlm / TRL (lmbda {ln['lmbda']}) | | | {ln['ppl_after'] / tr['ppl_after']:.3f} | "
+              f"{ln['s_per_step'] / tr['s_per_step']:.3f} | {ln['cpu_s_per_step'] / tr['cpu_s_per_step']:.3f} | "
+              f"{ln['peak_rss_mb'] / tr['peak_rss_mb']:.3f} | | |")
     print(f"largest relative difference of the per-step learning rates: {lr_diff:.2e}; "
           f"first-step loss difference: {res['first_loss_diff']:.2e}")
     if a.out:
