@@ -185,7 +185,7 @@ def main():
     select_s = {"ifd10": ifd_s}
     if "ifd10-clusters" in args.methods.split(","):  # the same IFDs, ranked within k-means groups
         t0 = time.perf_counter()  # of the records' mean hidden states (prompt + answer, as `data select`)
-        emb = mean_hidden(model, [encode(tok, r["prompt"] + "\n" + r["completion"]) for r in recs], 8)
+        emb = mean_hidden(model, [encode(tok, r["prompt"] + r["completion"]) for r in recs], 8)
         labels = kmeans(emb, args.clusters)
         sets["ifd10-clusters"] = choose("ifd", [s["ifd"] for s in scores], k, labels=labels)[0]
         select_s["ifd10-clusters"] = ifd_s + time.perf_counter() - t0
