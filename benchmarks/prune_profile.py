@@ -46,7 +46,7 @@ def profile_step(model, prompt: int, steps: int) -> dict:
     cache = model.new_cache(1, prompt + steps + 1)
     with torch.no_grad():
         nxt = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(steps):
                 nxt = model(nxt.unsqueeze(1), cache=cache)[:, -1].argmax(-1)
     cats = {"linear": 0.0, "attention": 0.0, "other_ops": 0.0}
@@ -60,7 +60,11 @@ def profile_step(model, prompt: int, steps: int) -> dict:
             cats["attention"] += us
         else:
             cats["other_ops"] += us
-    return {k: v / 1e3 / steps for k, v in cats.items()} | {"op_calls_per_token": calls / steps}
+    mm = [{"shapes": str(ev.input_shapes), "calls_per_token": ev.count / steps,
+           "ms_per_token": ev.self_cpu_time_total / 1e3 / steps}
+          for ev in prof.key_averages(group_by_input_shape=True) if ev.key.startswith(LINEAR_OPS)]
+    mm.sort(key=lambda r: -r["ms_per_token"])
+    return {k: v / 1e3 / steps for k, v in cats.items()} | {"op_calls_per_token": calls / steps, "linear_by_shape": mm[:8]}
 
 
 def main() -> None:
@@ -108,8 +112,8 @@ def main() -> None:
         row = {"params": m.num_parameters(), "params_removed": 1 - m.num_parameters() / p0,
                "weight_mb_per_token": weight_bytes(m) / 1e6, "bandwidth_bound_speedup": b0 / weight_bytes(m),
                "eager_ms_per_token": eager_ms, "eager_speedup": med[("dense", "eager")] / med[(k, "eager")],
-               **{f"{c}_ms": v for c, v in prof.items() if c != "op_calls_per_token"},
-               "op_calls_per_token": prof["op_calls_per_token"]}
+               **{f"{c}_ms": v for c, v in prof.items() if c not in ("op_calls_per_token", "linear_by_shape")},
+               "op_calls_per_token": prof["op_calls_per_token"], "linear_by_shape": prof["linear_by_shape"]}
         row["unattributed_ms"] = max(0.0, eager_ms - prof["linear"] - prof["attention"] - prof["other_ops"])
         if "compiled" in modes:
             row["compiled_ms_per_token"] = med[(k, "compiled")] * 1e3
@@ -126,6 +130,10 @@ def main() -> None:
               f"{r['attention_ms']:.1f} | {r['other_ops_ms']:.1f} | {r['unattributed_ms']:.1f} | "
               f"{r['eager_speedup']:.2f}x | {r.get('compiled_ms_per_token', float('nan')):.1f} | "
               f"{r.get('compiled_speedup', float('nan')):.2f}x |")
+    print("\nlinear operators by input shapes (ms per token, self CPU time under the profiler):")
+    for k, r in out["models"].items():
+        print(k + ": " + "; ".join(f"{x['shapes']} x{x['calls_per_token']:.0f}: {x['ms_per_token']:.2f}"
+                                   for x in r["linear_by_shape"]))
     if a.json:
         print(json.dumps(out))
 
