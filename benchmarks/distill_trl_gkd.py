@@ -1,11 +1,12 @@
 """TRL's GKDTrainer and `leanlm distill` side by side: same teacher, student, text, order, steps and loss.
 
     python3 benchmarks/distill_trl_gkd.py --trl-python /work/venvs/trl/bin/python --work /tmp/gkd \
-        --steps 24 --batch 2 --seq-len 128 --threads 1
+        --steps 8 --batch 2 --seq-len 128 --lr 1e-4 --threads 1 --eval-chars 6000 [--parallel] [--lmbda-row 1]
 
 TRL is not a leanlm dependency: it runs in a venv of its own (`python3 -m venv --system-site-packages
 /work/venvs/trl && /work/venvs/trl/bin/pip install trl==1.16.0`), as a subprocess. One run does, in order:
-1. check:   benchmarks/check_trl_jsd.py in the venv (leanlm's generalized JSD == TRL's on the same logits);
+1. check:   benchmarks/check_trl_jsd.py in the venv (leanlm's generalized JSD == TRL's on the same logits),
+            beside stage 2;
 2. prepare: teacher = the default model (fp32 folder in leanlm's cache); student = the default model with
             4 blocks dropped (the `layerdrop-4` recipe, calibrated on the packaged mix), saved by
             `leanlm.save` as a plain Llama folder; training rows = windows of --seq-len tokens of the
@@ -15,12 +16,16 @@ TRL is not a leanlm dependency: it runs in a venv of its own (`python3 -m venv -
             (sequential sampler);
 5. eval:    leanlm's perplexity (held-out technical text, first --eval-chars characters, windows of 512)
             of the student before training and of both trained students, one process, loaded the same way.
+Stages 3 and 4 run one after the other, or with --parallel at the same time (one process each, so both
+see the same load on a shared machine; the student's perplexity before is then measured beside them and
+each trained student in a process of its own). --lmbda-row L adds an on-policy pair (leanlm and TRL, a
+share L of batches replaced by --new-tokens sampled by the student after --prompt-tokens of each row).
 Both trainers: AdamW (torch; betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping at 1.0, no
 warm-up, a cosine schedule to 0.1 x lr (TRL: `cosine_with_min_lr`, min_lr_rate 0.1), fp32, no gradient
 checkpointing, generalized JSD with beta 0.5 at temperature 1 over every position but the last, torch
 threads = --threads. Each job reports its losses, the learning rate of every step, seconds per step
-(end of step 1 to the end of the last step, over steps - 1: start-up and the first step excluded) and
-its peak RSS at the end of training (ru_maxrss, before saving).
+(end of step 1 to the end of the last step, over steps - 1: start-up and the first step excluded), in
+wall time and in the process's CPU time, and its peak RSS at the end of training (ru_maxrss, before saving).
 Prints a Markdown table and, last, one JSON object.
 """
 from __future__ import annotations
