@@ -9,6 +9,9 @@ Full blocks are registered by content hash (the hash chains the whole prefix), s
 whose prompt starts with the same blocks reuses them (prefix caching, ref-counted, LRU eviction).
 Sliding-window layers keep only their window's blocks (leanlm/infer/paged.py): a prefix is shared up
 to the longest cached length whose window the local layers still hold.
+A request may ask for speculative decoding (SamplingParams.speculative: a draft model given to the engine,
+layer skipping or prompt lookup): its decode steps then check 1 + k tokens in the packed step and keep
+the accepted ones (leanlm/infer/engine_spec.py); requests with and without it share every step.
 """
 from __future__ import annotations
 
@@ -156,7 +159,7 @@ class Engine:
         # speculative decoding: prompt lookup always; a draft model and layer skipping when given
         self.spec = Speculator(model, draft=draft, layer_skip=layer_skip, num_blocks=self.cache.num_blocks,
                                block_size=block_size, prefix_caching=prefix_caching, device=self.cache.device,
-                               adapters=adapters)
+                               target_cache=self.cache, adapters=adapters)
         self.eos_ids = tuple(eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -253,6 +256,8 @@ class Engine:
         self._release_adapter(seq)
         self.cache.free_sequence(seq.id)
         self.spec.free(seq.id)
+        if seq.spec is not None:
+            seq.spec.want = 0  # it was planned this step, then lost its blocks: no drafts
         seq.num_computed, seq.block_keys, seq.status = 0, [], "waiting"
         seq.num_preemptions += 1
         self.stats["preemptions"] += 1
@@ -393,6 +398,8 @@ class Engine:
                 rows.extend(range(qi[j] - n + 1, qi[j] + 1))
                 continue
             seq.num_computed += n
+            if seq.spec is not None:  # planned drafts that were not found: give back the blocks set aside
+                self.cache.truncate(seq.id, seq.num_computed)
             self._register_blocks(seq)
             if seq.num_computed == len(seq.tokens):
                 sampling.append((j, len(rows), 1))

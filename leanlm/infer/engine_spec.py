@@ -13,7 +13,9 @@ Methods:
   draft          a draft model given to the Engine (same vocabulary); its K/V in a PagedKVCache of the
                  draft's shape with the engine's block size and block count (its own allocator, its own
                  prefix cache under the target's block keys; a sequence never holds more draft blocks than
-                 target blocks, so the pool cannot run out before the target's);
+                 target blocks, so the pool cannot run out before the target's). A draft whose K/V have the
+                 target's geometry (a quantized copy) starts from a copy of the target's prompt K/V instead
+                 of prefilling the prompt (only the proposals can change, never the output);
   layer_skip     the target with some layers skipped (weights shared), its K/V in a pool like the draft's
                  (of the target's shape: the skipped layers' slices stay unused);
   prompt_lookup  no model: `leanlm.infer.speculative.PromptLookup`'s continuation of the last n-gram.
@@ -65,10 +67,32 @@ class SpecState:
 class PagedDraft:
     """A proposing model and its own paged K/V (the sequences' tokens so far, plus this round's drafts)."""
 
-    def __init__(self, model, cfg, num_blocks: int, block_size: int, dtype, device):
+    def __init__(self, model, cfg, num_blocks: int, block_size: int, dtype, device, target_cache=None):
         self.model = model
         self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=dtype, device=device)
         self.registered: dict[object, int] = {}  # sequence -> its blocks registered in the prefix cache
+        # A draft whose K/V have the target's geometry (a quantized copy, the layer-skipping view) starts from
+        # the target's K/V of the prompt instead of prefilling it (only proposals change, never the output).
+        self.share_prefill = target_cache is not None and self._same_geometry(target_cache)
+        self.target_cache = target_cache
+
+    def _same_geometry(self, other: PagedKVCache) -> bool:
+        mine = self.cache
+        return (len(mine.groups) == len(other.groups) == 1 and mine.groups[0].window is None
+                and other.groups[0].window is None and len(mine.k) == len(other.k)
+                and all(a.shape[1:] == b.shape[1:] and a.dtype == b.dtype for a, b in zip(mine.k, other.k)))
+
+    def _copy_from_target(self, seq_id, start: int, end: int) -> None:
+        """Copy the target's K/V of positions [start, end) into this pool (both single-group caches)."""
+        def slots(cache):
+            table = torch.tensor(cache.tables[seq_id])
+            pos = torch.arange(start, end)
+            return (table[pos // cache.block_size] * cache.block_size + pos % cache.block_size).to(cache.device)
+        src, dst = slots(self.target_cache), slots(self.cache)
+        for i in range(len(self.cache.k)):
+            self.cache.k[i][dst] = self.target_cache.k[i][src]
+            self.cache.v[i][dst] = self.target_cache.v[i][src]
+        self.cache.lengths[seq_id] = end
 
     def free(self, seq_id) -> None:
         if seq_id in self.cache.lengths:
@@ -93,7 +117,8 @@ class PagedDraft:
         live = []
         for seq, k in items:
             toks = seq.tokens
-            if seq.id not in self.cache.lengths:
+            new = seq.id not in self.cache.lengths
+            if new:
                 keys = seq.block_keys[:(len(toks) - 1) // bs] if prefix_caching else []
                 self.cache.add_sequence(seq.id, keys)
                 self.registered[seq.id] = self.cache.lengths[seq.id] // bs
@@ -101,6 +126,8 @@ class PagedDraft:
                 self.cache.ensure(seq.id, len(toks) + k - 1)
             except OutOfBlocks:
                 continue  # no drafts this round (the target decodes one token as usual)
+            if new and self.share_prefill and self.cache.lengths[seq.id] < seq.num_computed:
+                self._copy_from_target(seq.id, self.cache.lengths[seq.id], seq.num_computed)
             live.append((seq, k))
             seq.spec.q = []
         feed = [(s.id, s.tokens[self.cache.lengths[s.id]:]) for s, _ in live]
@@ -139,7 +166,7 @@ class Speculator:
     """The engine's proposers and the per-round logic (plan, propose, verify, roll back)."""
 
     def __init__(self, target, *, draft=None, layer_skip=None, num_blocks: int, block_size: int,
-                 prefix_caching: bool, device, adapters=None):
+                 prefix_caching: bool, device, target_cache=None, adapters=None):
         from leanlm.infer.generate import fuse_for_inference
 
         dtype = target.dtype
@@ -150,7 +177,8 @@ class Speculator:
                 raise LeanLMError(f"engine: the draft model's vocabulary ({draft.config.vocab_size}) differs from "
                                   f"the target's ({target.config.vocab_size}); use a draft with the same tokenizer")
             fuse_for_inference(draft)
-            self.models["draft"] = PagedDraft(draft, draft.config, num_blocks, block_size, draft.dtype, device)
+            self.models["draft"] = PagedDraft(draft, draft.config, num_blocks, block_size, draft.dtype, device,
+                                              target_cache)
         if layer_skip is not None and layer_skip is not False:
             if adapters is not None:
                 raise LeanLMError("engine: layer_skip speculation runs the target's own layers, which LoRA adapters "
@@ -158,7 +186,7 @@ class Speculator:
             n = target.config.num_layers
             skip = default_skip_layers(n) if layer_skip is True else list(layer_skip)
             self.models["layer_skip"] = PagedDraft(skip_layers_view(target, skip), target.config, num_blocks,
-                                                   block_size, dtype, device)
+                                                   block_size, dtype, device, target_cache)
         self.lookup = PromptLookup()
 
     @property
