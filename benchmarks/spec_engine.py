@@ -147,12 +147,19 @@ def main(argv=None) -> int:
                       "tokens/target step": round(statistics.median(x["tokens_per_target_step"] for x in rs), 2),
                       "identical": all(x["identical"] for x in rs),
                       "runs tokens/s": [round(x["tokens_per_s"], 2) for x in rs]})
+    # how often each draft's argmax equals the target's on the plain output (teacher-forced): acceptance's ceiling
+    seq = torch.tensor([prompt + ref])
+    with torch.inference_mode():
+        want = model(seq)[0, len(prompt) - 1:-1].argmax(-1)
+        for name, d in drafts.items():
+            agree = float((d(seq)[0, len(prompt) - 1:-1].argmax(-1) == want).float().mean())
+            next(r for r in table if r["method"] == f"draft {name}")["argmax agreement"] = round(agree, 3)
     costs = step_costs(model, drafts, args.prompt_len + args.new_tokens // 2, args.k, reps=args.cost_reps)
     from leanlm.report import print_table
 
     print_table(f"speculative decoding in the engine, batch 1, {args.new_tokens} tokens after {len(prompt)}",
                 table, ["method", "tokens/s", "speed-up", "tokens/cpu-s", "speed-up (cpu)", "acceptance",
-                        "tokens/target step", "identical", "runs tokens/s"])
+                        "argmax agreement", "tokens/target step", "identical", "runs tokens/s"])
     print_table("step costs (median seconds)", {k: round(v, 4) for k, v in costs.items()})
     res = {"args": vars(args), "rows": table, "costs": costs, "runs": runs}
     if args.out:
