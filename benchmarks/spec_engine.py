@@ -111,12 +111,14 @@ def main(argv=None) -> int:
         drafts[name] = leanlm.load(path)[0].eval()
         fuse_for_inference(drafts[name])
     prompt = tok.encode(packaged_text("eval")[:4000])[-args.prompt_len:]
-    rows = [("plain", Engine(model), None)]
+    # batch 1: a pool for one sequence (the default sizes the pool for 32 full contexts, 1 GiB per engine)
+    pool = dict(max_num_seqs=1, num_blocks=-(-(len(prompt) + args.new_tokens + 4 * args.k) // 16) + 2)
+    rows = [("plain", Engine(model, **pool), None)]
     for name, d in drafts.items():
-        rows.append((f"draft {name}", Engine(model, draft=d), SpecParams("draft", args.k)))
-    rows.append(("prompt lookup", Engine(model), SpecParams("prompt_lookup", args.k)))
+        rows.append((f"draft {name}", Engine(model, draft=d, **pool), SpecParams("draft", args.k)))
+    rows.append(("prompt lookup", Engine(model, **pool), SpecParams("prompt_lookup", args.k)))
     if not args.no_layer_skip:
-        rows.append(("layer skip", Engine(model, layer_skip=True), SpecParams("layer_skip", args.k)))
+        rows.append(("layer skip", Engine(model, layer_skip=True, **pool), SpecParams("layer_skip", args.k)))
     for _, eng, spec in rows:  # warm-up: first-call costs out of the timings
         run_one(eng, prompt[:32], 8, spec)
     runs = {name: [] for name, _, _ in rows}
