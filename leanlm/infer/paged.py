@@ -424,7 +424,7 @@ class PagedKVCache:
             # index_select is ~2x faster than advanced indexing for this gather on CPU
             r = gd["read"]
             return pk.index_select(0, r).transpose(0, 1)[None], pv.index_select(0, r).transpose(0, 1)[None]
-        B, H, T, D = k.shape
+        H, D = k.shape[1], k.shape[3]
         flat = gd["read"].view(-1)
         shape = (*gd["read"].shape, H, D)
         return (pk.index_select(0, flat).view(shape).transpose(1, 2),
