@@ -13,6 +13,10 @@ scheduling and sampling (prepare + model forward with the cache). Times are the 
 the step; wall-clock medians are reported beside them (`*_wall_ms`).
 
     python benchmarks/paged_attention_bench.py --threads 1 --contexts 128,512,1024,2048 --out paged.json
+
+--engine N: also N requests (prompts of 32-128 tokens from the packaged evaluation text, --new-tokens
+greedy tokens each) run one after another with plain generation (batch 1, static cache) and all at
+once through the engine on each path: CPU seconds of each, tokens per CPU second, identical outputs.
 """
 from __future__ import annotations
 
@@ -89,6 +93,36 @@ def bench(model, contexts, reps: int, paths=("dense", "blocks")) -> list[dict]:
     return rows
 
 
+@torch.inference_mode()
+def bench_engine(model, tok, n: int, new_tokens: int) -> dict:
+    from leanlm.data import packaged_text
+    from leanlm.infer.engine import Engine, SamplingParams
+    from leanlm.infer.generate import generate_tokens
+    from leanlm.infer.sampling import GenerationConfig
+
+    ids = tok.encode(packaged_text("eval"))[:40_000]
+    prompts = []
+    for i in range(n):  # the prompts of benchmarks/engine_bench.py's concurrency section
+        k = 32 + (i * 37) % 97
+        s = (i * 1013) % (len(ids) - k)
+        prompts.append(ids[s:s + k])
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, stop_token_ids=[])
+    c = time.process_time()
+    ref = [[t[0] for t in generate_tokens(model, [p], cfg)] for p in prompts]
+    out = {"requests": n, "new_tokens": new_tokens, "sequential_cpu_s": time.process_time() - c}
+    log(f"  sequential: {out['sequential_cpu_s']:.1f} CPU s")
+    for path in ("dense", "blocks"):
+        eng = Engine(model, attention=path)
+        c = time.process_time()
+        got = eng.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+        out[f"{path}_cpu_s"] = time.process_time() - c
+        out[f"{path}_identical"] = sum(a == b for a, b in zip(got, ref))
+        out[f"{path}_x_sequential"] = out["sequential_cpu_s"] / out[f"{path}_cpu_s"]
+        log(f"  engine {path}: {out[f'{path}_cpu_s']:.1f} CPU s, x{out[f'{path}_x_sequential']:.2f}, "
+            f"{out[f'{path}_identical']}/{n} identical")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the default model)")
@@ -97,13 +131,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", type=int, default=None,
                     help="keep only the model's first N layers (same shape per layer; a shorter run)")
+    ap.add_argument("--engine", type=int, default=0, help="N requests: engine vs sequential (0: skip)")
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=None, help="write the JSON results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import leanlm
     from leanlm.report import print_table
 
-    model, _ = leanlm.load(args.model)
+    model, tok = leanlm.load(args.model)
     if args.layers:
         import dataclasses
 
@@ -111,10 +147,15 @@ def main(argv=None) -> int:
 
         del blocks(model)[args.layers:]
         model.config = dataclasses.replace(model.config, num_layers=args.layers)
-    rows = bench(model.eval(), [int(c) for c in args.contexts.split(",")], args.reps)
-    print_table("paged attention: one step at batch 16", rows,
-                ["context", "scenario", "total_context", "dense_ms", "blocks_ms", "speedup"])
-    result = {"threads": args.threads, "batch": 16, "layers": model.config.num_layers, "rows": rows}
+    result = {"threads": args.threads, "batch": 16, "layers": model.config.num_layers}
+    if args.contexts:
+        rows = bench(model.eval(), [int(c) for c in args.contexts.split(",")], args.reps)
+        print_table("paged attention: one step at batch 16", rows,
+                    ["context", "scenario", "total_context", "dense_ms", "blocks_ms", "speedup"])
+        result["rows"] = rows
+    if args.engine:
+        result["engine"] = bench_engine(model.eval(), tok, args.engine, args.new_tokens)
+        print_table("engine vs sequential (CPU time)", result["engine"])
     if args.out:
         from leanlm.io.atomic import atomic_write_text
 
