@@ -83,3 +83,31 @@ def test_bad_speculative_values(server, body, says):
     with pytest.raises(openai.BadRequestError) as e:
         server["client"].completions.create(model=NAME, prompt="w5 w6", max_tokens=4, extra_body=body)
     assert says in e.value.body["message"] and e.value.body["param"] == "speculative"
+
+
+def test_cli_layer_skip_and_draft():
+    """`leanlm serve --layer-skip 1 --draft ...`: the engine offers the methods; a request uses layer_skip."""
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from leanlm.errors import LeanLMError
+    from leanlm.serve import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    with pytest.raises(LeanLMError, match="--layer-skip"):
+        cli.make_server(tiny_model(), tiny_tokenizer(), p.parse_args(["m", "--layer-skip", "one"]))
+    args = p.parse_args(["m", "--layer-skip", "1", "--num-blocks", "64", "--block-size", "4"])
+    model = tiny_model()
+    app, aeng = cli.make_server(model, tiny_tokenizer(), args, draft=tiny_model())
+    try:
+        assert aeng.engine.spec.methods == ["prompt_lookup", "draft", "layer_skip"]
+        with TestClient(app) as tc:
+            body = dict(model="m", prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True)
+            plain = tc.post("/v1/completions", json=body).json()
+            spec = tc.post("/v1/completions", json=dict(body, speculative={"method": "layer_skip", "k": 2})).json()
+            assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
+            assert spec["usage"]["speculative"]["proposed"] > 0
+    finally:
+        aeng.shutdown()
