@@ -2,6 +2,8 @@
 (gguf-py's own name table applied to the transformers model) exactly, the metadata llama.cpp's loader
 reads is there, quantized grids are written from leanlm's own codes, and the file loads back into leanlm
 with the logits of the model that was exported."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -27,12 +29,15 @@ CASES = [
         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
         "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
     ("phi3", "phi3", tiny_hf, {"partial_rotary_factor": 0.5}),
+    ("phi3", "phi3", tiny_hf, {"original_max_position_embeddings": 32, "rope_parameters": {  # LongRoPE (128k)
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.5, 2.5, 5.0, 9.0]}}),
     ("mixtral", "llama", tiny_moe, {}),
     ("qwen2_moe", "qwen2moe", tiny_moe, {"mlp_only_layers": [], "num_hidden_layers": 2,
                                          "shared_expert_intermediate_size": 64}),
     ("qwen3_moe", "qwen3moe", tiny_moe, {}),
 ]
-IDS = [c[0] for c in CASES]
+IDS = [c[0] + ("-longrope" if "rope_parameters" in c[3] and c[0] == "phi3" else "") for c in CASES]
 
 # What llama.cpp's loader reads (src/llama-model.cpp, src/models/<arch>.cpp), beyond the tokenizer
 COMMON = ["context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
@@ -89,6 +94,12 @@ def test_family_export_is_llama_cpps_conversion(tmp_path, kind, arch, build, ove
     for key in TOKENIZER:
         assert key in f, key
     want = family_gguf_tensors(hf, arch)
+    rope = over.get("rope_parameters", {})
+    if rope.get("rope_type") == "longrope":  # llama.cpp's converter adds them as tensors
+        want["rope_factors_long.weight"] = np.array(rope["long_factor"], dtype=np.float32)
+        want["rope_factors_short.weight"] = np.array(rope["short_factor"], dtype=np.float32)
+        assert f["phi3.rope.scaling.original_context_length"] == 32
+        assert f["phi3.rope.scaling.attn_factor"] == np.float32(math.sqrt(1 + math.log(2) / math.log(32)))
     got = _dequantized(r)
     assert set(got) == set(want)
     for name, a in want.items():
@@ -109,7 +120,7 @@ def test_family_export_is_llama_cpps_conversion(tmp_path, kind, arch, build, ove
     if build is tiny_moe:
         assert f[f"{arch}.expert_count"] == 4 and f[f"{arch}.expert_used_count"] == 2
 
-    ids = torch.randint(0, NV, (2, 24))  # longer than the sliding windows
+    ids = torch.randint(0, NV, (2, 40))  # longer than the sliding windows and LongRoPE's original length
     back, _ = leanlm.load(tmp_path / "f32.gguf", convert_cache=False)
     assert back.config.model_type == kind
     with torch.no_grad():
@@ -158,7 +169,7 @@ def test_family_quantized_grid_is_written_exactly(tmp_path, kind, arch, build, o
 
     from leanlm.compress.quant.qlinear import QuantLinear
     from leanlm.model.families import family
-    from leanlm.model.gguf_map import gguf_map, to_leanlm
+    from leanlm.model.gguf_map import LONGROPE, gguf_map, to_leanlm
     from leanlm.model.layout import block_prefix, layout_of
 
     _, m = _model(build, kind, over)
@@ -169,6 +180,8 @@ def test_family_quantized_grid_is_written_exactly(tmp_path, kind, arch, build, o
     fam, gm = family(kind), gguf_map(arch)
     seen = set()
     for name, (w, t) in _dequantized(gguf.GGUFReader(str(tmp_path / "q.gguf"))).items():
+        if name in LONGROPE:
+            continue
         if gm.permute_qk and name.endswith("attn_q.weight"):
             w = unpermute_qk(w, m.config.num_heads)
         elif gm.permute_qk and name.endswith("attn_k.weight"):

@@ -26,7 +26,7 @@ import torch
 from leanlm.errors import LeanLMError
 from leanlm.io.gguf import ROPE_FREQS
 from leanlm.model.families import family
-from leanlm.model.gguf_map import export_fields, export_plan, gguf_map
+from leanlm.model.gguf_map import LONGROPE, export_fields, export_plan, gguf_map
 from leanlm.model.layout import HEAD
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
@@ -324,6 +324,9 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
             else:
                 fac = np.asarray(rs["factors"])
             w.add_tensor(ROPE_FREQS, fac.astype(np.float32))
+        elif cfg.rope_type == "longrope":  # only architectures whose rope_kinds has it (phi3)
+            for name, key in LONGROPE.items():
+                w.add_tensor(name, np.asarray(rs[key], dtype=np.float32))
         for key, value in fields.items():
             _add_field(w, gguf, key, value)
         for t in plan:

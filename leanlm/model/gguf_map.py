@@ -15,6 +15,7 @@ family. What differs per architecture is data in `MAPS`:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +32,9 @@ BLOCK_ROLES = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "post_attention
                "attn_q_norm": "q_norm", "attn_k_norm": "k_norm"}
 MLP_ROLES = {"ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}  # inside an MLP (dense, expert, shared)
 ROPE_FREQS = "rope_freqs"  # per-dimension RoPE frequency divisors (llama3 scaling), not a module
+# Phi-3's LongRoPE factors (tensor -> the rope_scaling field it holds); llama.cpp takes the long ones when
+# its context is longer than rope.scaling.original_context_length (transformers: when the sequence is)
+LONGROPE = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 
 
 def _none(get) -> dict:
@@ -105,7 +109,19 @@ def moe_fields(get, norm_default: bool) -> dict:
 
 def _phi3(get) -> dict:
     head = get("attention.key_length") or get("embedding_length") // get("attention.head_count")
-    return {"partial_rotary_factor": get("rope.dimension_count", head) / head}
+    out = {"partial_rotary_factor": get("rope.dimension_count", head) / head}
+    long, short = get("tensor:rope_factors_long.weight"), get("tensor:rope_factors_short.weight")
+    if long is not None and short is not None:
+        orig = int(get("rope.scaling.original_context_length"))
+        rs = {"rope_type": "longrope", "long_factor": [float(x) for x in long],
+              "short_factor": [float(x) for x in short], "original_max_position_embeddings": orig}
+        factor = get("context_length") / orig
+        default = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        attn = get("rope.scaling.attn_factor")
+        if attn is not None and abs(attn - default) > 1e-6 * default:  # else transformers' own default
+            rs["attention_factor"] = float(attn)
+        out["rope_scaling"] = rs
+    return out
 
 
 # ---- export metadata: what each llama.cpp architecture reads besides the common keys ----
@@ -163,8 +179,17 @@ def _gemma3_fields(cfg) -> dict:
 
 def _phi3_fields(cfg) -> dict:
     # llama.cpp reads Phi-3's window but runs every layer global (its converter writes 0 for none)
-    return {"attention.sliding_window": int(cfg.sliding_window or 0),
-            "rope.scaling.original_context_length": int(cfg.max_position_embeddings)}
+    out = {"attention.sliding_window": int(cfg.sliding_window or 0),
+           "rope.scaling.original_context_length": int(cfg.max_position_embeddings)}
+    if cfg.rope_type == "longrope":  # the factors are tensors (LONGROPE)
+        rs = cfg.rope_scaling
+        orig = int(rs["original_max_position_embeddings"])
+        factor = cfg.max_position_embeddings / orig
+        attn = rs.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        out.update({"rope.scaling.original_context_length": orig, "rope.scaling.attn_factor": float(attn)})
+    return out
 
 
 def _moe_export_fields(cfg) -> dict:
@@ -204,7 +229,7 @@ MAPS: dict[str, GGUFMap] = {
                       tied_only=True, fields=_gemma2_fields),
     "gemma3": GGUFMap(norm_shift=1.0, config=_gemma3, act="gelu_pytorch_tanh", rope_kinds=("default", "linear"),
                       fields=_gemma3_fields),
-    "phi3": GGUFMap(fused_qkv=True, fused_gate_up=True, config=_phi3, rope_kinds=("default",),
+    "phi3": GGUFMap(fused_qkv=True, fused_gate_up=True, config=_phi3, rope_kinds=("default", "longrope"),
                     fields=_phi3_fields),
     "qwen2moe": GGUFMap(config=lambda get: {**moe_fields(get, False), **_qwen(get)}, moe_norm=False, shared_expert=True,
                         output_required=True, fields=lambda c: {**_dense_swa(c), **_moe_export_fields(c)}),
