@@ -106,7 +106,9 @@ def main(argv=None) -> int:
     for kind in args.families.split(","):
         model = random_model(kind, len(tok.tok.get_vocab(with_added_tokens=True)))
         for qtype in args.types.split(","):
-            path = work / f"{kind}-{qtype}.gguf"
+            # llama.cpp's vocabulary loader looks up "</s>", "<unk>", "<s>" when general.name (the file's
+            # stem) says phi3 / phi-3; the default model's vocabulary has none of them
+            path = work / f"{kind.replace('phi3', 'phi')}-{qtype}.gguf"
             export_gguf(model, tok, path, qtype, source=kind)
             back = leanlm.load(path, convert_cache=False)[0]  # the weights llama.cpp reads (dequantized)
             want = leanlm_ppl(back, ids, args.ctx, args.chunks, bos)
