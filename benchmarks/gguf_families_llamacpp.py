@@ -34,6 +34,11 @@ FAMILIES = {
                     "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
     "phi3": dict(partial_rotary_factor=0.5),
+    # LongRoPE past its original length (llama.cpp takes the long factors when its context, here 64, is
+    # longer than the original length; transformers and leanlm when the sequence is: the same here)
+    "phi3-longrope": dict(model_type="phi3", original_max_position_embeddings=32, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0, 1.4, 2.9, 5.0], "long_factor": [1.2, 2.5, 6.0, 16.0]}),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                       shared_expert_intermediate_size=64, norm_topk_prob=False, mlp_only_layers=[]),
