@@ -26,6 +26,8 @@ GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16, hidden_ac
 FAMILIES = {
     "llama": {},
     "mistral": dict(sliding_window=4096),  # llama.cpp's "llama" runs every layer global: a window > CTX
+    # a window shorter than the context: llama.cpp runs it global, leanlm (as transformers) windowed
+    "mistral-window16": dict(model_type="mistral", sliding_window=16),
     "qwen2": {},
     "qwen3": dict(head_dim=16, tie_word_embeddings=True),
     "gemma2": GEMMA,

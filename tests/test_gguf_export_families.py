@@ -13,7 +13,7 @@ from conftest import tiny_hf, tiny_moe, to_leanlm
 from gguf_util import byte_vocab, family_gguf_tensors, write_tiny_gguf
 from leanlm.errors import LeanLMError
 from leanlm.io.gguf import unpermute_qk
-from leanlm.io.gguf_export import export_gguf
+from leanlm.io.gguf_export import export_gguf, progress_total
 
 NV = len(byte_vocab()[0])
 
@@ -85,7 +85,9 @@ def test_family_export_is_llama_cpps_conversion(tmp_path, kind, arch, build, ove
 
     hf, m = _model(build, kind, over)
     tok = _tok(tmp_path)
-    export_gguf(m, tok, tmp_path / "f32.gguf", "f32")
+    calls = []
+    export_gguf(m, tok, tmp_path / "f32.gguf", "f32", progress=lambda: calls.append(1))
+    assert len(calls) == progress_total(m)  # the bar ends full
     r = gguf.GGUFReader(str(tmp_path / "f32.gguf"))
     f = _fields(r)
     assert f["general.architecture"] == arch

@@ -35,7 +35,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from leanlm.cli import load_model
     from leanlm.errors import LeanLMError
-    from leanlm.io.gguf_export import export_gguf
+    from leanlm.io.gguf_export import export_gguf, progress_total
     from leanlm.report import progress, show
 
     if args.format != "gguf":
@@ -43,7 +43,7 @@ def run(args) -> int:
     if args.type.lower() not in TYPES:
         raise LeanLMError(f"unsupported GGUF type {args.type!r}; leanlm exports {', '.join(TYPES)}")
     model, tok = load_model(args)
-    n = len(model.state_dict())
+    n = progress_total(model)
     with progress(disable=not sys.stderr.isatty()) as pb:
         task = pb.add_task("writing GGUF", total=n)
         res = export_gguf(model, tok, args.output, args.type, progress=lambda: pb.advance(task),

@@ -265,6 +265,22 @@ def _tensor(model, t, want: str, source: str) -> tuple[np.ndarray, str, bool]:
     return data.reshape(*w.shape[:-1], data.shape[-1]), written, False
 
 
+def _keys(cfg) -> set[str]:
+    """The state-dict keys of a plain model of this config (what the file holds, whatever form leanlm
+    keeps each module in), the tied head left out."""
+    from leanlm.io.checkpoint import build_on_meta
+
+    keys = set(build_on_meta(cfg).state_dict())
+    if cfg.tie_word_embeddings:
+        keys.discard(f"{HEAD}.weight")
+    return keys
+
+
+def progress_total(model) -> int:
+    """How many times export_gguf calls `progress` for this model."""
+    return len(_keys(model.config))
+
+
 def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress=None, source: str = "model") -> dict:
     """Write `model` as a GGUF file at `path`, atomically. Returns {"types": {type: count}, "exact": n}:
     n tensors written from leanlm's own integer codes."""
@@ -291,11 +307,7 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
         raise LeanLMError(f"{source}: cannot write {cfg.model_type} as llama.cpp's {arch!r}: {e}") from None
     if tokenizer is None:
         raise LeanLMError(f"{source}: no tokenizer; llama.cpp needs one in the GGUF file")
-    from leanlm.io.checkpoint import build_on_meta
-
-    present = set(build_on_meta(cfg).state_dict())
-    if cfg.tie_word_embeddings:
-        present.discard(f"{HEAD}.weight")
+    present = _keys(cfg)
     try:
         plan = export_plan(cfg, fam.layout, gmap, present)
     except LeanLMError as e:
@@ -337,7 +349,7 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
             raw = getattr(gguf.GGMLQuantizationType, written)
             w.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=None if written in ("F32", "F16") else raw)
             counts[written] = counts.get(written, 0) + 1
-            if progress:
+            for _ in t.keys if progress else ():  # the bar counts state-dict tensors
                 progress()
         w.write_header_to_file()
         w.write_kv_data_to_file()
