@@ -70,10 +70,10 @@ def _layer_types(get, n: int, default_pattern: int) -> list[str]:
     return ["sliding_attention" if p == 0 or i % p < p - 1 else "full_attention" for i in range(n)]
 
 
-def _attn_scalar(get, big: tuple[int, int]) -> int:
-    # llama.cpp scales queries by 1/sqrt(key_length), except the 27B sizes (hidden / heads)
+def _attn_scalar(get, big_layers: int) -> int:
+    # llama.cpp scales queries by 1/sqrt(key_length), except at the 27B sizes' layer count (hidden / heads)
     n, hidden, heads = get("block_count"), get("embedding_length"), get("attention.head_count")
-    return hidden // heads if (n, hidden) == big else get("attention.key_length")
+    return hidden // heads if n == big_layers else get("attention.key_length")
 
 
 def _gemma2(get) -> dict:
@@ -82,7 +82,7 @@ def _gemma2(get) -> dict:
             "layer_types": _layer_types(get, n, 2),
             "final_logit_softcapping": get("final_logit_softcapping", 30.0),
             "attn_logit_softcapping": get("attn_logit_softcapping", 50.0),
-            "query_pre_attn_scalar": _attn_scalar(get, (46, 4608))}
+            "query_pre_attn_scalar": _attn_scalar(get, 46)}
 
 
 def _gemma3(get) -> dict:
@@ -90,7 +90,7 @@ def _gemma3(get) -> dict:
     n, window = get("block_count"), get("attention.sliding_window")
     types = _layer_types(get, n, 6) if window else ["full_attention"] * n
     return {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window, "layer_types": types,
-            "query_pre_attn_scalar": _attn_scalar(get, (62, 5376)),
+            "query_pre_attn_scalar": _attn_scalar(get, 62),
             "rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
             "final_logit_softcapping": get("final_logit_softcapping")}
 
