@@ -60,3 +60,17 @@ def test_seqkd_generations_continue_prompts_and_mask_them():
         assert ex["labels"][4:] == ex["input_ids"][4:]
         assert any(ex["input_ids"][:4] == d["input_ids"][:4] for d in data)
     assert gens == teacher_generations(teacher, data, 6, 4, 7, seed=1, eos=[])  # same seed, same data
+
+
+def test_distill_cli_on_generated_text_caches_it(tmp_path, capsys, monkeypatch, pair):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    args = ["distill", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", "generated",
+            "--gen-count", "6", "--gen-len", "16", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+            "--lr", "1e-2", "--no-eval", "--json"]
+    assert main(args + ["-o", str(tmp_path / "a")]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["examples"] == 6 and first["generated_from_cache"] is False and first["steps"] == 3
+    assert main(args + ["-o", str(tmp_path / "b")]) == 0  # another output folder: the text is read back
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["generated_from_cache"] is True and second["first_loss"] == first["first_loss"]
+    assert len(list((tmp_path / "cache" / "generated").glob("*.safetensors"))) == 1
