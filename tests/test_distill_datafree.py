@@ -87,7 +87,7 @@ def test_bad_generation_settings_are_one_line():
 
 def test_datafree_qat_recipe_needs_no_data_trains_and_is_reproducible(cache):
     from leanlm.compress.quant import QuantLinear
-    from leanlm.compress.recipe import apply_recipe, load_recipe
+    from leanlm.compress.recipe import apply_recipe, load_recipe, parse_recipe
     from test_distill import mean_kl
 
     r = load_recipe("w3a16-qat-g32-datafree")
@@ -96,7 +96,8 @@ def test_datafree_qat_recipe_needs_no_data_trains_and_is_reproducible(cache):
     r.steps[0].fields.update(steps=25, lr=2e-3, batch_size=4, seq_len=24, gen_count=12, progress=False)
     original = to_leanlm(tiny_hf(seed=0))
     rtn = copy.deepcopy(original)
-    apply_recipe(rtn, load_recipe("w3a16-rtn-g32"), None, progress=False)
+    # step 0 of QAT: round to nearest on the same (asymmetric) grid
+    apply_recipe(rtn, parse_recipe("- method: rtn\n  bits: 3\n  group_size: 32\n  sym: false\n"), None, progress=False)
     runs, losses = [], []
     for _ in range(2):
         model = copy.deepcopy(original)
@@ -120,4 +121,4 @@ def test_datafree_qat_recipe_needs_no_data_trains_and_is_reproducible(cache):
     # judged on text the teacher never wrote: random tokens
     g = torch.Generator().manual_seed(5)
     data = [{"input_ids": torch.randint(0, 128, (24,), generator=g).tolist()} for _ in range(8)]
-    assert mean_kl(runs[0], original, data) < 0.9 * mean_kl(rtn, original, data)  # measured 0.60 vs 0.77
+    assert mean_kl(runs[0], original, data) < 0.95 * mean_kl(rtn, original, data)  # measured 0.60 vs 0.68
