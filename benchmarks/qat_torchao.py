@@ -4,9 +4,10 @@ Both variants train by the same loop (leanlm.train.loop: the same batches in the
 and cosine schedule, the same learning rate) with the same loss (forward KL at temperature 1 against the
 fp32 model, every position), on the same calibration windows. Only the model and its fake quantization
 differ:
-  torchao      transformers' LlamaForCausalLM, `quantize_(model, QATConfig(IntxFakeQuantizeConfig(torch.int4,
-               group_size=32), step="prepare"))` on every decoder linear (the tied output head left out, as
-               leanlm leaves it); torchao's default grid is symmetric. Perplexity is the fake-quantized model's.
+  torchao      transformers' LlamaForCausalLM, `quantize_(model, QATConfig(weight_config=IntxFakeQuantizeConfig(
+               torch.int4, group_size=32), step="prepare"))` on every decoder linear (the tied output head left
+               out, as leanlm leaves it); torchao's default grid is symmetric. Perplexity is the fake-quantized
+               model's.
   leanlm       leanlm's `qat` step (asymmetric 4-bit groups of 32 by default, as the recipe name gives it),
                converted to packed QuantLinear afterwards; perplexity is the packed model's.
   leanlm-sym   the same with `sym: true` (torchao's grid).
@@ -97,7 +98,8 @@ def job(a) -> dict:
         folder = tempfile.mkdtemp(prefix="qat_torchao_")
         leanlm.save(teacher, tok, folder)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        quantize_(model, QATConfig(IntxFakeQuantizeConfig(torch.int4, group_size=32), step="prepare"),
+        # torchao 0.18 refuses a fake-quantize config as the positional base_config: weights only, by keyword
+        quantize_(model, QATConfig(weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=32), step="prepare"),
                   filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != HEAD)
         out["fake_quantized_linears"] = sum(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
         logits = lambda ids: model(ids).logits  # noqa: E731
