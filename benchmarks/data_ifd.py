@@ -156,7 +156,8 @@ def main():
     ap.add_argument("--steps-full", type=int, default=75)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--methods", default="ifd10,random10,all")
+    ap.add_argument("--methods", default="ifd10,random10,all,ifd10-clusters")
+    ap.add_argument("--clusters", type=int, default=6, help="ifd10-clusters: k-means groups of the pool")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import torch
@@ -164,7 +165,8 @@ def main():
     torch.set_num_threads(args.threads)
     import leanlm
     from leanlm.data.instruct import record_example
-    from leanlm.data.select import choose, ifd_scores, instruction_pair
+    from leanlm.data.scoring import encode, mean_hidden
+    from leanlm.data.select import choose, ifd_scores, instruction_pair, kmeans
     from leanlm.peft.cli import prepare
     from leanlm.train import TrainConfig, train
 
@@ -180,6 +182,18 @@ def main():
     picked, excluded = choose("ifd", [s["ifd"] for s in scores], k)
     sets = {"ifd10": picked, "random10": random.Random(0).sample(range(len(pool)), k),
             "all": list(range(len(pool)))}
+    select_s = {"ifd10": ifd_s}
+    if "ifd10-clusters" in args.methods.split(","):  # the same IFDs, ranked within k-means groups
+        t0 = time.perf_counter()  # of the records' mean hidden states (prompt + answer, as `data select`)
+        emb = mean_hidden(model, [encode(tok, r["prompt"] + r["completion"]) for r in recs], 8)
+        labels = kmeans(emb, args.clusters)
+        sets["ifd10-clusters"] = choose("ifd", [s["ifd"] for s in scores], k, labels=labels)[0]
+        select_s["ifd10-clusters"] = ifd_s + time.perf_counter() - t0
+        groups = {}
+        for i, c in enumerate(labels.tolist()):
+            groups.setdefault(c, {}).setdefault(pool[i]["kind"], 0)
+            groups[c][pool[i]["kind"]] += 1
+        print(json.dumps({"clusters_by_kind": groups}), flush=True)
     by_kind = {}
     for i, s in enumerate(scores):
         by_kind.setdefault(pool[i]["kind"], []).append(s["ifd"])
@@ -202,7 +216,7 @@ def main():
         for i in idx:
             kinds[pool[i]["kind"]] = kinds.get(pool[i]["kind"], 0) + 1
         rows.append({"method": m, "examples": len(idx), "steps": steps, "train_s": train_s,
-                     "select_s": ifd_s if m == "ifd10" else 0.0, **choice_accuracy(model, tok, test),
+                     "select_s": select_s.get(m, 0.0), **choice_accuracy(model, tok, test),
                      "mean_ifd": sum(scores[i]["ifd"] for i in idx) / len(idx), "kinds": kinds})
         print(json.dumps(rows[-1]), flush=True)
     from leanlm.report import print_table

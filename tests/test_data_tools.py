@@ -291,6 +291,33 @@ def test_select_ifd_length_and_diversity_end_to_end(tmp_path, models, tok):
     assert res["kept"] == 2 and read_jsonl(tmp_path / "div.jsonl")[0]["i"] == 0
 
 
+def test_ifd_within_clusters_takes_from_every_cluster(tmp_path, models, tok):
+    from leanlm.data.select import SelectConfig, choose, kmeans, select
+
+    g = torch.Generator().manual_seed(1)
+    centers = torch.eye(8)[:3] * 10
+    emb = torch.cat([c + 0.1 * torch.randn(10, 8, generator=g) for c in centers[[2, 0, 1]]])
+    labels = kmeans(emb, 3)
+    assert [len(set(labels[i:i + 10].tolist())) for i in (0, 10, 20)] == [1, 1, 1]  # each group whole
+    assert len(set(labels.tolist())) == 3
+    ifd = [0.9 - 0.01 * i for i in range(10)] + [0.5 - 0.01 * i for i in range(20)]  # group 0 is hardest
+    plain, _ = choose("ifd", ifd, 6)
+    assert all(i < 10 for i in plain)  # plain IFD: the hard group fills the budget
+    picked, _ = choose("ifd", ifd, 6, labels=labels)
+    assert sorted(picked) == [0, 1, 10, 11, 20, 21]  # two from each group, the highest IFD of each
+    hf, lm = models
+    rows = [{"prompt": f"Say {w}.", "completion": " ".join([w] * (i + 1)), "i": i}
+            for i, w in enumerate(["blue", "green", "cat", "dog", "sun", "rain"])]
+    src = write_jsonl(tmp_path / "ins.jsonl", rows)
+    res = select(src, tmp_path / "c.jsonl", SelectConfig(method="ifd", budget="4", clusters=2), lm, tok,
+                 progress=False)
+    drops = read_jsonl(dropped_path(tmp_path / "c.jsonl"))
+    # (a random tiny model puts some IFDs >= 1: those are excluded, as without clusters)
+    assert res["kept"] + len(drops) == 6 and res["kept"] >= 1 and all(d["cluster"] in (0, 1) for d in drops)
+    with pytest.raises(LeanLMError, match="--clusters"):
+        SelectConfig(method="dsir", target="packaged:tech", clusters=2).check()
+
+
 # ---------------------------------------------------------------- demonstrations
 def test_demos_knn_random_fixed(models, tok):
     from leanlm.data.demos import DemoSelector, embed, few_shot_messages

@@ -124,6 +124,7 @@ def make_trainable(model, cfg: DistillStepConfig, original=None):
             m._kernel = None  # rebuilt from the trained scales at the next forward
         for p, r in was.items():
             p.requires_grad_(r)
+    undo.plain_float = not (hooks or quant or ternary)  # nothing here that FSDP2 sharding would bypass
     return undo
 
 

@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-noise", action="store_true", help="dsir: take the top weights instead of resampling")
     s.add_argument("--no-length-norm", action="store_true",
                    help="dsir: the paper's summed log weight instead of the mean per n-gram")
+    s.add_argument("--clusters", type=int, default=0, metavar="K",
+                   help="ifd: rank within K k-means groups of the records' hidden states, taking from "
+                        "each in turn (for pools that mix kinds of task)")
     s.add_argument("--seed", type=int, default=0)
 
     m = sub.add_parser("demos", help="choose k few-shot demonstrations for a query from a JSONL pool")
@@ -108,8 +111,8 @@ def run(args) -> int:
         from leanlm.data.select import SelectConfig, select
 
         cfg = SelectConfig(method=args.method, budget=args.budget, target=args.target, buckets=args.buckets,
-                           noise=not args.no_noise, length_norm=not args.no_length_norm, seed=args.seed, max_tokens=args.max_tokens,
-                           batch_size=args.batch_size)
+                           noise=not args.no_noise, length_norm=not args.no_length_norm, seed=args.seed,
+                           max_tokens=args.max_tokens, batch_size=args.batch_size, clusters=args.clusters)
         cfg.check()
         model, tok = _load(args) if args.method in ("ifd", "diversity") else (None, None)
         res = select(args.input, args.output, cfg, model, tok, args.field, args.txt_unit, progress)

@@ -15,7 +15,11 @@
   prompt + completion), the model's mean cross-entropy on the answer given the instruction (the chat
   template, as fine-tuning sees it) divided by its mean cross-entropy on the answer alone. High IFD:
   the instruction helps little, the example is hard. Records with IFD >= 1 (the instruction does not
-  help at all) are dropped as the paper does; the rest are taken from the highest IFD down.
+  help at all) are dropped as the paper does; the rest are taken from the highest IFD down. With
+  `clusters` K > 0 the records are first grouped by k-means (K groups, k-center seeds) on the model's
+  mean hidden state of each record's text (instruction and answer), and the picks go round the groups, each giving its highest
+  remaining IFD: on a pool that mixes kinds of task, plain IFD ranks the kinds (the hard kind fills the
+  budget), while IFD within clusters ranks the examples of every kind (docs/bench/data.md).
 - length: the longest records first (words of the answer for instruction records, else of the text).
 - diversity: greedy k-center on the model's mean final hidden state of each record (L2 on unit
   vectors), starting from the first record: each pick is the record farthest from those picked.
@@ -141,6 +145,37 @@ def k_center(emb: torch.Tensor, k: int) -> list[int]:
     return picked
 
 
+def kmeans(emb: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
+    """Cluster label of each row: Lloyd's k-means on unit-normalized rows from k-center seeds
+    (deterministic, no sampling)."""
+    x = torch.nn.functional.normalize(emb.float(), dim=-1)
+    centers = x[k_center(x, k)].clone()
+    labels = torch.zeros(len(x), dtype=torch.long)
+    for _ in range(iters):
+        new = torch.cdist(x, centers).argmin(1)
+        if _ and torch.equal(new, labels):
+            break
+        labels = new
+        for c in range(len(centers)):
+            members = labels == c
+            if members.any():
+                centers[c] = x[members].mean(0)
+    return labels
+
+
+def round_robin(order: list[int], labels: torch.Tensor, k: int) -> list[int]:
+    """The first k of `order` (best first) taken in turn from each label's queue."""
+    queues: dict[int, list[int]] = {}
+    for i in order:
+        queues.setdefault(int(labels[i]), []).append(i)
+    picked, lists = [], [q for _, q in sorted(queues.items())]
+    while len(picked) < k and any(lists):
+        for q in lists:
+            if q and len(picked) < k:
+                picked.append(q.pop(0))
+    return picked
+
+
 # ---------------------------------------------------------------- runner
 @dataclass
 class SelectConfig:
@@ -154,6 +189,7 @@ class SelectConfig:
     seed: int = 0
     max_tokens: int = 512
     batch_size: int = 8
+    clusters: int = 0  # ifd: rank within this many k-means groups of the records' hidden states
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -161,6 +197,8 @@ class SelectConfig:
         parse_budget(self.budget)
         if self.method == "dsir" and not self.target:
             raise LeanLMError("dsir needs --target: a .txt/.jsonl file (or packaged:NAME) of the kind of text wanted")
+        if self.clusters < 0 or (self.clusters and self.method != "ifd"):
+            raise LeanLMError("--clusters is a count >= 1 and applies to --method ifd")
         if self.buckets < 16 or self.smoothing <= 0 or self.max_tokens < 2 or self.batch_size < 1:
             raise LeanLMError("need --buckets >= 16, --smoothing > 0, --max-tokens >= 2, --batch-size >= 1")
 
@@ -235,8 +273,9 @@ def _score_pass(path, cfg, model, tokenizer, field, txt_unit, progress):
     return scores, extra
 
 
-def choose(method: str, scores, k: int, seed: int = 0, noise: bool = True) -> tuple[list[int], dict]:
-    """Indices (into the usable records) to keep, and {index: reason} for those excluded before ranking."""
+def choose(method: str, scores, k: int, seed: int = 0, noise: bool = True, labels=None) -> tuple[list[int], dict]:
+    """Indices (into the usable records) to keep, and {index: reason} for those excluded before ranking.
+    labels: ifd's cluster of each record (picks go round the clusters)."""
     excluded = {}
     if method == "diversity":
         return k_center(scores, k), excluded
@@ -250,6 +289,8 @@ def choose(method: str, scores, k: int, seed: int = 0, noise: bool = True) -> tu
                 excluded[i] = "ifd_at_least_1"
     eligible = [i for i in range(len(scores)) if i not in excluded]
     eligible.sort(key=lambda i: -scores[i])
+    if labels is not None:
+        return round_robin(eligible, labels, k), excluded
     return eligible[:k], excluded
 
 
@@ -265,7 +306,13 @@ def select(path, output, cfg: SelectConfig, model=None, tokenizer=None, field=No
     if n == 0:
         raise LeanLMError(f"{path}: no usable records to select from")
     k = budget_count(cfg.budget, n)
-    picked, excluded = choose(cfg.method, scores, k, cfg.seed, cfg.noise)
+    labels = None
+    if cfg.clusters:  # a second model pass: the records' mean hidden states
+        from dataclasses import replace
+
+        emb, _ = _score_pass(path, replace(cfg, method="diversity"), model, tokenizer, field, txt_unit, progress)
+        labels = kmeans(emb, cfg.clusters)
+    picked, excluded = choose(cfg.method, scores, k, cfg.seed, cfg.noise, labels)
     rank = {i: r for r, i in enumerate(picked)}
     with sink(output, path) as s, scan(path, "writing", field, txt_unit, progress) as records:
         i = -1
@@ -279,6 +326,8 @@ def select(path, output, cfg: SelectConfig, model=None, tokenizer=None, field=No
                 info["score"] = round(float(scores[i]), 6)
             if extra:
                 info.update({k2: round(v, 6) for k2, v in extra[i].items() if k2 != "ifd"})
+            if labels is not None:
+                info["cluster"] = int(labels[i])
             if i in rank:
                 s.keep(rec)
             else:

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     p.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
+    from leanlm.train.distributed import add_device_argument
+
+    add_device_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -132,17 +135,24 @@ def load_data(args, tokenizer):
 
 
 def run(args) -> int:
+    import copy
+
     import torch
 
     from leanlm.peft import save_adapter, trainable_parameters
     from leanlm.report import emit_json, print_table
-    from leanlm.train import TrainConfig, evaluate_loss, train
+    from leanlm.train import TrainConfig, distributed, evaluate_loss, train
 
     out = Path(args.output)
     if args.max_steps is not None and args.max_steps < 1:
         raise LeanLMError("--max-steps must be at least 1")
+    device = distributed.device_for(args.device)
+    rank, world = distributed.init(device)
+    if world > 1 and args.method == "mezo":
+        raise LeanLMError("--method mezo runs on one process (its perturbations are not sharded)")
     torch.manual_seed(args.seed)
     model, tok = load_for(args)
+    model.to(device)
     base_name = getattr(model, "source", None)
     train_data, held, task, recs = load_data(args, tok)
 
@@ -155,20 +165,28 @@ def run(args) -> int:
 
     before = measure(model)
     model = prepare(model, tok, args.method, method_options(args, tok))
+    plain = copy.deepcopy(model) if world > 1 and rank == 0 else None  # rank 0 saves from an unsharded copy
+    distributed.shard(model, bf16=args.bf16 and world > 1)
     method = method_class(args.method)
     full_model = getattr(method, "full_model", False)
     steps = args.max_steps or DEFAULT_STEPS.get(args.method, 60)
     cfg = TrainConfig(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=args.lr or DEFAULT_LR[args.method], weight_decay=args.weight_decay,
                       optimizer=getattr(method, "optimizer", args.optimizer), warmup_steps=args.warmup,
-                      bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every,
-                      save_every=args.save_every, out_dir=str(out), seed=args.seed,
-                      progress=not args.no_progress and not args.json, mezo_eps=args.mezo_eps,
+                      bf16=args.bf16 and world == 1, grad_checkpointing=args.grad_checkpointing,
+                      eval_every=args.eval_every, save_every=args.save_every, out_dir=str(out), seed=args.seed,
+                      progress=not args.no_progress and not args.json and rank == 0, mezo_eps=args.mezo_eps,
                       pad_id=tok.pad_id if tok.pad_id is not None else 0)
     t0 = time.perf_counter()
     res = train(model, train_data, cfg, eval_data=held if args.eval_every else None, resume=args.resume)
     wall = time.perf_counter() - t0
     after = measure(model)
+    trainable = trainable_parameters(model)
+    model = distributed.unsharded(model, plain)
+    if rank != 0:
+        distributed.finish()
+        return 0
+    model.cpu()
     if full_model:
         from leanlm.api import save
 
@@ -180,9 +198,9 @@ def run(args) -> int:
         from leanlm.peft import unload_lora
 
         save(unload_lora(model), tok, out / "merged")
-    result = {"method": args.method, "trainable_params": trainable_parameters(model), "steps": res.steps,
+    result = {"method": args.method, "trainable_params": trainable, "processes": world, "steps": res.steps,
               "train_seconds": round(wall, 1), "step_seconds": round(wall / max(1, len(res.losses)), 3),
-              "tokens_per_s": round(res.tokens_per_s, 1), "peak_rss_mb": round(res.peak_rss_mb, 1),
+              "tokens_per_s": round(res.tokens_per_s * world, 1), "peak_rss_mb": round(res.peak_rss_mb, 1),
               "first_loss": res.losses[0] if res.losses else None,
               "last_loss": res.losses[-1] if res.losses else None,
               **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
@@ -190,4 +208,5 @@ def run(args) -> int:
     print_table(f"finetune ({args.method})", result)
     if args.json:
         emit_json(result)
+    distributed.finish()
     return 0

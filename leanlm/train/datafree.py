@@ -67,7 +67,8 @@ def generate_batch(model, rows: int, spec: GenerationSpec, gen: torch.Generator,
     model.eval()
     try:
         V = model.config.vocab_size
-        first = torch.randint(0, V, (rows, 1), generator=gen)
+        dev = next(model.parameters()).device  # the draws stay on the CPU generator, whatever the device
+        first = torch.randint(0, V, (rows, 1), generator=gen).to(dev)
         cache = model.new_cache(rows, spec.length)
         logits = model(first, cache=cache)[:, -1]
         toks = [first]
@@ -75,14 +76,14 @@ def generate_batch(model, rows: int, spec: GenerationSpec, gen: torch.Generator,
             if i < spec.greedy:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
+                nxt = torch.multinomial(torch.softmax(logits.float(), -1).cpu(), 1, generator=gen).to(dev)
             toks.append(nxt)
             if i < spec.length - 2:
                 logits = model(nxt, cache=cache)[:, -1]
     finally:
         model.train(was)
     out = []
-    for row in torch.cat(toks, 1).tolist():
+    for row in torch.cat(toks, 1).cpu().tolist():
         cut = next((j for j, t in enumerate(row) if j > 0 and t in stop_ids), None)
         out.append(row if cut is None else row[:cut + 1])
     return out

@@ -14,6 +14,7 @@ prints a before/after table (perplexity on a held-out text), `--json` one JSON o
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 import torch
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    from leanlm.train.distributed import add_device_argument
+
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
@@ -191,6 +195,12 @@ def run(args) -> int:
     from leanlm.train.loop import peak_rss_mb
     from leanlm.train.teacher import check_pair
 
+    from leanlm.train import distributed
+
+    device = distributed.device_for(args.device)
+    rank, world = distributed.init(device)
+    if world > 1 and (args.topk or args.lmbda or args.seqkd):
+        raise LeanLMError("--topk, --lmbda and --seqkd run on one process (not under torchrun)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -224,6 +234,9 @@ def run(args) -> int:
         student, s_tok = scratch_student(teacher, shape, args.seed), t_tok
     else:
         student, s_tok = leanlm.load(args.student if args.student else args.teacher, dtype=torch.float32)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
     if teacher is not None:
         check_pair(student, s_tok, teacher, t_tok, f"student {args.student or '(copy)'}",
                    f"teacher {args.teacher or '(default model)'}")
@@ -251,7 +264,13 @@ def run(args) -> int:
     before = {} if eval_text is None else {"student_ppl": ppl(student)}
     if eval_text is not None and teacher is not None:
         before["teacher_ppl"] = ppl(teacher)
+    plain = copy.deepcopy(student) if world > 1 and rank == 0 else None  # rank 0 saves from an unsharded copy
     undo = make_trainable(student, cfg)
+    if world > 1 and not undo.plain_float:
+        undo()
+        raise LeanLMError("under torchrun, distill trains float students without pruning masks; pruned, "
+                          "quantized or ternary students train on one process")
+    distributed.shard(student, bf16=args.bf16 and world > 1)
     t0 = time.perf_counter()
     try:
         res = distill(student, teacher, data, cfg, out_dir=str(out), resume=args.resume, save_every=args.save_every,
@@ -261,18 +280,24 @@ def run(args) -> int:
     finally:
         undo()
     took = time.perf_counter() - t0
-    leanlm.save(student, s_tok, out / "model")
-    result = {"loss": args.loss, "steps": res.steps, "examples": len(data), "train_seconds": round(took, 1),
-              "student_params": student.num_parameters(),
-              "tokens_per_s": round(res.tokens_per_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-              "first_loss": res.losses[0] if res.losses else None,
+    after = ppl(student) if eval_text is not None else None  # every rank: a collective under FSDP2
+    student = distributed.unsharded(student, plain)
+    if rank != 0:
+        distributed.finish()
+        return 0
+    leanlm.save(student.cpu(), s_tok, out / "model")
+    result = {"loss": args.loss, "processes": world, "steps": res.steps, "examples": len(data),
+              "train_seconds": round(took, 1), "student_params": student.num_parameters(),
+              "tokens_per_s": round(res.tokens_per_s * world, 1),
+              "peak_rss_mb": round(peak_rss_mb(), 1), "first_loss": res.losses[0] if res.losses else None,
               "last_loss": res.losses[-1] if res.losses else None, **before}
     if generated_from_cache is not None:
         result["generated_from_cache"] = generated_from_cache
-    if eval_text is not None:
-        result["student_ppl_after"] = ppl(student)
+    if after is not None:
+        result["student_ppl_after"] = after
     result["output"] = str(out / "model")
     print_table(f"distill ({args.loss})", result)
     if args.json:
         emit_json(result)
+    distributed.finish()
     return 0

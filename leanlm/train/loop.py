@@ -100,6 +100,12 @@ def micro_batch(data: list[dict], position: int, batch_size: int, seed: int, ran
     return [data[int(i)] for i in perm[k * batch_size:(k + 1) * batch_size][rank::world]]
 
 
+def model_device(model) -> torch.device:
+    """Where the model's parameters live (batches are moved there; cpu for a model with none)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size) when torch.distributed is initialized (torchrun), else (0, 1)."""
     import torch.distributed as dist
@@ -164,10 +170,11 @@ def enable_grad_checkpointing(model) -> None:
 def evaluate_loss(model, data: list[dict], batch_size: int, bf16: bool = False, pad_id: int = 0) -> float:
     was = model.training
     model.eval()
+    dev = model_device(model)
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        ids, labels = collate(data[i:i + batch_size], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ids, labels = (t.to(dev) for t in collate(data[i:i + batch_size], pad_id))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss, n = causal_lm_loss(model, ids, labels)
         total += float(loss) * n
         count += n
@@ -235,6 +242,7 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
     if out:
         out.mkdir(parents=True, exist_ok=True)
     res = TrainResult(steps=step)
+    dev = model_device(model)
     model.train()
     t0 = time.perf_counter()
     bar = None
@@ -253,23 +261,29 @@ def train(model, data: list[dict], cfg: TrainConfig, eval_data: list[dict] | Non
             tokens = 0
             if mezo:
                 batch = micro_batch(data, position, cfg.batch_size, cfg.seed)
-                ids, labels = collate(batch, cfg.pad_id)
+                ids, labels = (t.to(dev) for t in collate(batch, cfg.pad_id))
                 position += 1
                 tokens = sum(len(e["input_ids"]) for e in batch)
                 seed = int(torch.randint(0, 2**31 - 1, (1,)))
 
                 def closure():
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         return loss_fn(model, ids, labels)[0]
                 loss_val = opt.step(closure, seed)
             else:
                 loss_val = 0.0
                 for _ in range(cfg.grad_accum):
                     batch = micro_batch(data, position, cfg.batch_size, cfg.seed, rank, world)
-                    ids, labels = collate(batch, cfg.pad_id)
+                    ids, labels = (t.to(dev) for t in collate(batch, cfg.pad_id))
                     position += 1
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         loss, n = loss_fn(model, ids, labels)
+                    if world > 1:  # FSDP2 averages gradients over ranks: weight each rank by its share of the
+                        # global batch's labelled tokens, so N processes follow one process's mean loss
+                        from leanlm.train.distributed import sum_over_ranks
+
+                        total = sum_over_ranks(float(n))
+                        loss = loss * (n * world / total) if total else loss
                     (loss / cfg.grad_accum).backward()
                     loss_val += float(loss.detach()) / cfg.grad_accum
                     tokens += sum(len(e["input_ids"]) for e in batch)  # tokens processed, not just labelled

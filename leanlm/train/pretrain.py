@@ -315,7 +315,7 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
         probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
         E = probs.shape[-1]
         top = probs.topk(top_k, dim=-1).indices
-        f = torch.zeros(E, device=probs.device).scatter_add_(0, top.flatten(), torch.ones(top.numel()))
+        f = torch.zeros(E, device=probs.device).scatter_add_(0, top.flatten(), torch.ones(top.numel(), device=probs.device))
         f = f / top.numel()
         losses.append(E * (f * probs.mean(0)).sum())
     return torch.stack(losses).mean()

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    from leanlm.train.distributed import add_device_argument
+
+    add_device_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -173,7 +176,8 @@ def run(args) -> int:
             raise LeanLMError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.val_fraction < 0.5:
         raise LeanLMError("--val-fraction must be in [0, 0.5)")
-    rank, world = distributed.init()
+    device = distributed.device_for(args.device)
+    rank, world = distributed.init(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -181,6 +185,7 @@ def run(args) -> int:
     docs = read_documents(args.data)
     train_rows, val_rows = pack(docs, tok, args.seq_len, args.val_fraction)
     model, source = _model(args, tok)
+    model.to(device)
     n_params = model.num_parameters()
     distributed.shard(model, bf16=args.bf16 and world > 1)
     if args.mup_base_width is not None:
@@ -226,6 +231,7 @@ def run(args) -> int:
             plain = new_model(model.config)
             plain.load_state_dict(state)
             model = plain
+        model.cpu()
         if model.config.residual_gates:  # the saved model is a plain checkpoint of its family
             model.fold_residual_gates()
         leanlm.save(model, tok, out / "model")
