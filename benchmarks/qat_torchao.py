@@ -170,7 +170,8 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), v] + sys.argv[2:]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
-            rows.append({"variant": v, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})
+            err = r.stderr.strip().splitlines()
+            rows.append({"variant": v, "error": err[-1] if err else r.returncode})
         else:
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)

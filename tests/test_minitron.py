@@ -28,7 +28,8 @@ def test_minitron_recipe_plus_distill_shrinks_learns_and_saves(tmp_path, monkeyp
     r.steps[-1].fields.update(steps=20, lr=3e-3, batch_size=4, seq_len=32, warmup=0, progress=False)
     losses = []
     real = recover.distill
-    monkeypatch.setattr(recover, "distill", lambda *a, **k: real(*a, **{**k, "callback": lambda s, l: losses.append(l)}))
+    monkeypatch.setattr(recover, "distill",
+                        lambda *a, **k: real(*a, **{**k, "callback": lambda s, loss: losses.append(loss)}))
     model = copy.deepcopy(original)
     apply_recipe(model, r, samples, progress=False)
     if name == "minitron-depth-50":

@@ -119,7 +119,8 @@ def scratch_student(teacher, shape: dict, seed: int):
     if "num_layers" in shape and shape["num_layers"] != cfg.num_layers and (cfg.layer_types or cfg.moe_layers):
         raise LeanLMError("--student scratch: this teacher lists per-layer types; a student of another depth "
                           "needs a config.json of its own (--student FOLDER)")
-    per_layer = {f.name: None for f in dataclasses.fields(cfg) if f.name.startswith("layer_") and f.name != "layer_types"}
+    per_layer = {f.name: None for f in dataclasses.fields(cfg)
+                 if f.name.startswith("layer_") and f.name != "layer_types"}
     new = dataclasses.replace(cfg, **per_layer, **shape)
     if new.head_dim * new.num_heads == 0 or (shape.get("head_dim") is None and new.hidden_size % new.num_heads):
         raise LeanLMError(f"--student scratch: hidden_size {new.hidden_size} is not a multiple of num_heads "
@@ -219,10 +220,9 @@ def run(args) -> int:
         gen = GenerationSpec(count=args.gen_count, length=args.gen_len or args.seq_len, greedy=args.gen_greedy,
                              seed=args.seed)
         gen.validate()
-        if args.loss == "ce" and args.student:
-            raise LeanLMError("--data generated needs the teacher; use a divergence loss, not ce")
-    if shape is not None and args.loss == "ce" and args.data != "generated":
-        raise LeanLMError("--student scratch: needs the teacher (its config); use a divergence loss, not ce")
+    if args.loss == "ce" and args.student and (gen is not None or shape is not None):
+        raise LeanLMError("--data generated and --student scratch:... need the teacher (its text, its config); "
+                          "use a divergence loss, not ce")
     eval_text = None if args.no_eval else read_source(args.eval_text, "evaluation text")
     if eval_text is not None and args.eval_chars:
         eval_text = eval_text[: args.eval_chars]
