@@ -111,7 +111,7 @@ class Engine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 256, max_num_seqs: int = 32, prefix_caching: bool = True,
                  eos_ids: tuple[int, ...] = (), max_model_len: int | None = None, adapters=None,
-                 trim_windows: bool = True):
+                 trim_windows: bool = True, attention: str = "blocks"):
         from leanlm.infer.generate import fuse_for_inference
         from leanlm.model.layout import HEAD, base_model, embedding
 
@@ -143,7 +143,7 @@ class Engine:
             per_seq = min(-(-self.max_model_len // block_size), -(-(w - 1 + max_batch_tokens) // block_size) + 1)
             local_blocks = min(num_blocks, max(per_seq, max_num_seqs * per_seq))
         self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=model.dtype, device=self.head.weight.device,
-                                  local_blocks=local_blocks, trim_windows=trim_windows)
+                                  local_blocks=local_blocks, trim_windows=trim_windows, attention=attention)
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.prefix_caching = prefix_caching
         self.eos_ids = tuple(eos_ids)

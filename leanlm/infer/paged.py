@@ -12,6 +12,12 @@ A forward step over several sequences at once is described by `prepare(batch)`, 
     causal mask (no padding in the linear layers: chunked prefill mixed with decodes).
 Then the model's forward calls begin/update/end like on any cache (DEVELOPERS.md, Style 2).
 
+Attention: `attention="blocks"` (the default) has each layer's attention call `attend`, which reads
+every sequence's keys and values through its block table, a few sequences of similar length at a time
+(leanlm/infer/paged_attention.py): cost per sequence is its own context, with no padding to the
+longest row and no mask over the whole batch. `attention="dense"` is the older path: `update` gathers
+every sequence's K/V into one padded tensor and the step's mask covers the whole batch.
+
 Sliding windows: layers are grouped by window, and each group keeps its own pool, allocator and block
 table per sequence. Global layers keep every block; local layers (Gemma's sliding layers, every layer of
 a Mistral-style window) keep only the blocks a query can still see (the window plus the block it starts
@@ -24,7 +30,10 @@ from collections import OrderedDict, deque
 
 import torch
 
+from leanlm.infer.paged_attention import attend_units, plan_units, units_to
 from leanlm.model.config import ModelConfig
+
+ATTENTION = ("blocks", "dense")
 
 
 class OutOfBlocks(Exception):
@@ -128,11 +137,16 @@ class PagedKVCache:
     """Block-pooled K/V for many sequences, implementing the model's cache protocol.
 
     `local_blocks`: the pool size of the local (sliding-window) layers (None: num_blocks).
-    `trim_windows=False` keeps every block of the local layers too (their window only masks)."""
+    `trim_windows=False` keeps every block of the local layers too (their window only masks).
+    `attention`: "blocks" (each sequence against its own blocks) or "dense" (one padded gather per layer)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
-                 dtype=torch.float32, device="cpu", local_blocks: int | None = None, trim_windows: bool = True):
+                 dtype=torch.float32, device="cpu", local_blocks: int | None = None, trim_windows: bool = True,
+                 attention: str = "blocks"):
+        if attention not in ATTENTION:
+            raise ValueError(f"paged attention {attention!r}: expected one of {', '.join(ATTENTION)}")
         self.cfg, self.block_size = cfg, block_size
+        self.blockwise = attention == "blocks"  # the attention layers call attend() instead of update()
         windows = [cfg.window(i) if trim_windows else None for i in range(cfg.num_layers)]
         self.groups: list[LayerGroup] = []
         for w in dict.fromkeys(windows):
@@ -286,7 +300,11 @@ class PagedKVCache:
             q_pos = torch.tensor(ctx)[:, None] + torch.arange(T)[None]  # padded queries get harmless positions
             self._step = dict(layout=layout, batch=batch, T=T, positions=q_pos, q_valid=q_valid,
                               q_pos=q_pos[:, :, None])
-        self._step["groups"] = {id(g): self._describe(g, batch, ctx, layout) for g in self.groups}
+        if self.blockwise:
+            self._step["groups"] = {id(g): self._describe_blocks(g, batch, ctx, layout) for g in self.groups}
+            self._step["units"] = {}
+        else:
+            self._step["groups"] = {id(g): self._describe(g, batch, ctx, layout) for g in self.groups}
         self._to_device()
         return (1, len(self._step["positions"][0])) if layout == "packed" else (len(batch), self._step["T"])
 
@@ -312,6 +330,29 @@ class PagedKVCache:
         uniform = self._step["T"] == 1 and all(f == 0 and c + n == L for (_, n), c, f in zip(batch, ctx, firsts))
         return dict(write=write, read=read, k_pos=k_pos[:, None], k_valid=k_valid, uniform=uniform)
 
+    def _describe_blocks(self, g: LayerGroup, batch, ctx: list[int], layout: str) -> dict:
+        """The blockwise path's part of a step: the slots written, and per sequence what plan_units takes."""
+        write = torch.cat([self._slots(g, s, c, c + n) for (s, n), c in zip(batch, ctx)])
+        entries, off = [], 0
+        T = self._step["T"]
+        for i, ((s, n), c) in enumerate(zip(batch, ctx)):
+            q = list(range(off, off + n)) if layout == "packed" else list(range(i * T, i * T + n))
+            entries.append((q, c, n, g.tables[s]))
+            off += n
+        return dict(write=write, entries=entries)
+
+    def _units(self, g: LayerGroup, window: int | None) -> list[dict]:
+        """The step's attention units for the layers of group g under a window (planned once per step)."""
+        st = self._step
+        key = (id(g), window)
+        units = st["units"].get(key)
+        if units is None:
+            units = plan_units(st["groups"][id(g)]["entries"], self.block_size, window)
+            if str(self.device) != "cpu":
+                units = units_to(units, self.device)
+            st["units"][key] = units
+        return units
+
     def _to_device(self) -> None:
         if str(self.device) != "cpu":
             def move(d):
@@ -324,10 +365,20 @@ class PagedKVCache:
             raise ValueError("PagedKVCache.begin: call prepare() with this step's batch first")
         return st["positions"], self.window_mask(window)
 
+    def attend(self, layer: int, q, k, v, scale: float | None = None, softcap: float | None = None):
+        """Write this step's K/V of a layer and return its attention output [B, H, T, D] for queries q
+        [B, H, T, D], each sequence against its own blocks (the blockwise path's update + attention)."""
+        g = self.group_of_layer[layer]
+        self._write(layer, k, v)
+        units = self._units(g, self.cfg.window(layer))
+        return attend_units(units, q, self.k[layer], self.v[layer], self.block_size, scale, softcap)
+
     def window_mask(self, window: int | None):
         """This step's mask for the layers of a window (begin's, or another layer type's: Gemma's local and
         global layers), over the keys their group reads."""
         st = self._step
+        if self.blockwise:
+            return None  # attend() masks each unit itself
         gd = st["groups"][id(self.group_of_window[window])]
         q_pos, k_pos = st["q_pos"], gd["k_pos"]
         if st["layout"] == "packed":
@@ -345,20 +396,35 @@ class PagedKVCache:
         m = m | (~st["q_valid"][:, :, None] & first)
         return m[:, None]
 
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the step's new K/V of a layer in its slots."""
+        st = self._step
+        w = st["groups"][id(self.group_of_layer[layer])]["write"]
+        if st["layout"] == "packed":  # k [1, nkv, N, D]
+            self.k[layer][w] = k[0].transpose(0, 1)
+            self.v[layer][w] = v[0].transpose(0, 1)
+            return
+        B, H, T, D = k.shape  # k [B, nkv, T, D]
+        if T == 1:
+            self.k[layer][w] = k.reshape(B, H, D)
+            self.v[layer][w] = v.reshape(B, H, D)
+            return
+        qv = st["q_valid"].reshape(-1)
+        self.k[layer][w] = k.transpose(1, 2).reshape(B * T, H, D)[qv]
+        self.v[layer][w] = v.transpose(1, 2).reshape(B * T, H, D)[qv]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         st = self._step
+        if self.blockwise:
+            raise ValueError("PagedKVCache(attention='blocks') is read through attend(), not update()")
         gd = st["groups"][id(self.group_of_layer[layer])]
         pk, pv = self.k[layer], self.v[layer]
-        if st["layout"] == "packed":  # k [1, nkv, N, D]
-            pk[gd["write"]] = k[0].transpose(0, 1)
-            pv[gd["write"]] = v[0].transpose(0, 1)
+        self._write(layer, k, v)
+        if st["layout"] == "packed":
             # index_select is ~2x faster than advanced indexing for this gather on CPU
             r = gd["read"]
             return pk.index_select(0, r).transpose(0, 1)[None], pv.index_select(0, r).transpose(0, 1)[None]
-        qv = st["q_valid"].reshape(-1)  # k [B, nkv, T, D]
-        B, H, T, D = k.shape
-        pk[gd["write"]] = k.transpose(1, 2).reshape(B * T, H, D)[qv]
-        pv[gd["write"]] = v.transpose(1, 2).reshape(B * T, H, D)[qv]
+        H, D = k.shape[1], k.shape[3]
         flat = gd["read"].view(-1)
         shape = (*gd["read"].shape, H, D)
         return (pk.index_select(0, flat).view(shape).transpose(1, 2),

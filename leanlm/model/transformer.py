@@ -2,7 +2,9 @@
 
 Module names mirror transformers' (model.layers.N.self_attn.q_proj, ...) so Hugging Face
 checkpoints load with an identity key map. The KV cache is an argument of forward, never state
-inside the layers: anything with begin/update/end (KVCache here, the engine's paged cache) works.
+inside the layers: anything with begin/update/end (KVCache here, the engine's paged cache) works. A
+cache with `blockwise = True` computes attention itself (`attend(layer, q, k, v, scale, softcap)`:
+the engine's paged cache reading each sequence's blocks where they lie) and its masks are None.
 """
 from __future__ import annotations
 
@@ -262,9 +264,12 @@ class Attention(nn.Module):
             v = y[..., nq + nk:].view(B, T, self.nkv, self.hd).transpose(1, 2)
         else:
             q, k, v = self._qkv_unfused(x, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, mask, self.scale, self.softcap)
+        if cache is not None and getattr(cache, "blockwise", False):
+            y = cache.attend(self.layer, q, k, v, self.scale, self.softcap)  # reads K/V where they lie
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)
+            y = attention(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
     def _qkv_unfused(self, x, cos, sin):
