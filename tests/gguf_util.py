@@ -239,6 +239,29 @@ def write_family_gguf(path, hf_model, arch_name: str, qtype_name: str = "F32"):
     w.add_bos_token_id(0)
     w.add_eos_token_id(2)
     qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    for name, arr in family_gguf_tensors(hf_model, arch_name).items():
+        if arr.ndim >= 2 and qtype_name != "F32":
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def family_gguf_tensors(hf_model, arch_name: str) -> dict:
+    """{GGUF name: float32 array} of a transformers model as llama.cpp's converter names and transforms
+    them, with gguf-py's own tensor-name table: Gemma norms stored as 1 + w, q/k permuted only for
+    "llama", fused tensors kept fused (Phi-3), MoE experts stacked into 3-D tensors, the shared expert's
+    gate as a vector."""
+    import gguf
+
+    cfg = hf_model.config
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    out = {}
     for k, t in hf_model.state_dict().items():
         if k == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -257,19 +280,12 @@ def write_family_gguf(path, hf_model, arch_name: str, qtype_name: str = "F32"):
         for name, arr in parts:
             assert name is not None, k
             if arch_name.startswith("gemma") and name.endswith("norm.weight"):
-                arr = arr + 1  # llama.cpp's Gemma converters store 1 + w
-            if arch_name == "llama" and name.endswith("attn_q.weight"):
+                arr = arr + np.float32(1)  # llama.cpp's Gemma converters store 1 + w
+            if arch_name == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
                 arr = permute(arr, cfg.num_attention_heads)
-            elif arch_name == "llama" and name.endswith("attn_k.weight"):
+            elif arch_name == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
                 arr = permute(arr, cfg.num_key_value_heads)
             if name.endswith("ffn_gate_inp_shexp.weight"):
                 arr = arr.reshape(-1)
-            if arr.ndim >= 2 and qtype_name != "F32":
-                w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-            else:
-                w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+            out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+    return out

@@ -9,6 +9,9 @@ Full blocks are registered by content hash (the hash chains the whole prefix), s
 whose prompt starts with the same blocks reuses them (prefix caching, ref-counted, LRU eviction).
 Sliding-window layers keep only their window's blocks (leanlm/infer/paged.py): a prefix is shared up
 to the longest cached length whose window the local layers still hold.
+A request may ask for speculative decoding (SamplingParams.speculative: a draft model given to the engine,
+layer skipping or prompt lookup): its decode steps then check 1 + k tokens in the packed step and keep
+the accepted ones (leanlm/infer/engine_spec.py); requests with and without it share every step.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.infer.engine_spec import SpecParams, SpecState, Speculator
 from leanlm.infer.paged import OutOfBlocks, PagedKVCache
 from leanlm.infer.sampling import SamplingConfig, select
 
@@ -35,6 +39,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
     repetition_penalty: float = 1.0
+    speculative: SpecParams | None = None  # speculative decoding for this request (leanlm.infer.engine_spec)
 
     def sampling_config(self) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -60,6 +65,10 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None  # with finish_reason "error": what went wrong
+    # speculative decoding: the draft tokens checked and accepted in the round that produced this token
+    # (on the round's first output; 0 on the others and without speculation)
+    draft_proposed: int = 0
+    draft_accepted: int = 0
 
 
 class StepError(Exception):
@@ -88,6 +97,7 @@ class Sequence:
     num_preemptions: int = 0
     adapter: int = 0  # index of the LoRA adapter this sequence runs with (0: none / the model's own)
     virtual: list[int] = field(default_factory=list)  # ids < 0 standing for an adapter's virtual tokens
+    spec: SpecState | None = None  # speculative decoding's state (params.speculative set)
 
     @property
     def tokens(self) -> list[int]:
@@ -111,7 +121,8 @@ class Engine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int = 256, max_num_seqs: int = 32, prefix_caching: bool = True,
                  eos_ids: tuple[int, ...] = (), max_model_len: int | None = None, adapters=None,
-                 trim_windows: bool = True, attention: str = "blocks"):
+                 trim_windows: bool = True, attention: str = "blocks", draft=None,
+                 layer_skip: bool | list[int] | None = None):
         from leanlm.infer.generate import fuse_for_inference
         from leanlm.model.layout import HEAD, base_model, embedding
 
@@ -146,13 +157,18 @@ class Engine:
                                   local_blocks=local_blocks, trim_windows=trim_windows, attention=attention)
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.prefix_caching = prefix_caching
+        # speculative decoding: prompt lookup always; a draft model and layer skipping when given
+        self.spec = Speculator(model, draft=draft, layer_skip=layer_skip, num_blocks=self.cache.num_blocks,
+                               block_size=block_size, prefix_caching=prefix_caching, device=self.cache.device,
+                               target_cache=self.cache, adapters=adapters)
         self.eos_ids = tuple(eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0, prefix_hit_tokens=0,
-                          preemptions=0, requests_finished=0, batch_tokens=0)
+                          preemptions=0, requests_finished=0, batch_tokens=0, draft_proposed=0,
+                          draft_accepted=0)
 
     # ---- requests -----------------------------------------------------------------------------
     @property
@@ -174,6 +190,8 @@ class Engine:
             raise LeanLMError("engine: max_tokens must be at least 1")
         if params.seed is not None and not 0 <= params.seed < 1 << 63:
             raise LeanLMError(f"engine: seed must be in [0, 2^63), got {params.seed}")
+        if params.speculative is not None:
+            self.spec.check(params, nv)
         if adapter and (self.adapters is None or not self.adapters.known(adapter)):
             raise LeanLMError(f"engine: no LoRA adapter with index {adapter} is loaded")
         total = min(len(prompt) + nv + params.max_tokens, self.max_model_len)
@@ -189,7 +207,8 @@ class Engine:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
         seq = Sequence(rid, list(prompt), params, time.perf_counter(), generator=gen, adapter=adapter,
-                       virtual=list(range(-1, -nv - 1, -1)))
+                       virtual=list(range(-1, -nv - 1, -1)),
+                       spec=Speculator.start(params) if params.speculative is not None else None)
         self.seqs[rid] = seq
         self.waiting.append(seq)
         return rid
@@ -209,6 +228,7 @@ class Engine:
         self.running.clear()
         self.seqs.clear()
         self.cache.reset()
+        self.spec.reset()
         if self.adapters is not None:
             self.adapters.release_all()
 
@@ -223,6 +243,7 @@ class Engine:
             self.waiting.remove(seq)
         if seq.id in self.cache.lengths:
             self.cache.free_sequence(seq.id)
+        self.spec.free(seq.id)
         seq.status, seq.finish_reason, seq.finish_time = "finished", reason, time.perf_counter()
         self.seqs.pop(seq.id, None)
         self.stats["requests_finished"] += 1
@@ -235,6 +256,9 @@ class Engine:
         self.running.remove(seq)
         self._release_adapter(seq)
         self.cache.free_sequence(seq.id)
+        self.spec.free(seq.id)
+        if seq.spec is not None:
+            seq.spec.want = 0  # it was planned this step, then lost its blocks: no drafts
         seq.num_computed, seq.block_keys, seq.status = 0, [], "waiting"
         seq.num_preemptions += 1
         self.stats["preemptions"] += 1
@@ -275,6 +299,8 @@ class Engine:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(len(seq.tokens) - seq.num_computed, budget)
+            if seq.spec is not None and len(seq.tokens) - seq.num_computed == 1:
+                n += self.spec.plan(seq, budget - 1, self.max_model_len)  # room for the drafts it checks
             while True:
                 try:
                     self.cache.ensure(seq.id, seq.num_computed + n)
@@ -341,6 +367,7 @@ class Engine:
             return self._run(batch)
         except Exception as e:  # fail this step's requests only; the engine stays consistent for the rest
             self.cache.cancel_step()
+            self.spec.cancel_step()
             for seq, _ in batch:
                 if seq.status != "finished":
                     self._finish(seq, "error")
@@ -348,56 +375,94 @@ class Engine:
             raise StepError([s.id for s, _ in batch], e) from e
 
     def _run(self, batch: list[tuple[Sequence, int]]) -> list[StepOutput]:
+        if any(s.spec is not None and s.spec.want for s, _ in batch):
+            batch = self.spec.propose(batch)  # speculating sequences check 1 + len(drafts) tokens
         layout = "rows" if all(n == 1 for _, n in batch) else "packed"
         B, T = self.cache.prepare([(s.id, n) for s, n in batch], layout)
         if layout == "packed":
-            ids = torch.tensor([t for s, n in batch for t in s.tokens[s.num_computed:s.num_computed + n]])[None]
+            ids = torch.tensor([t for s, n in batch for t in self._fed(s, n)])[None]
         else:
             ids = torch.tensor([[s.tokens[s.num_computed]] for s, _ in batch])
         if self.adapters is not None:  # the adapter index of every input token, flat (rows layout: T == 1)
             self.adapters.set_rows(torch.tensor([s.adapter for s, n in batch for _ in range(n)]))
-        qi = self.cache.query_index()
+        qi = self.cache.query_index().tolist()
         hidden = self.model(**self._inputs(ids), cache=self.cache, return_hidden=True)
-        hidden = hidden.reshape(B * T, -1)[qi.to(hidden.device)]
+        hidden = hidden.reshape(B * T, -1)
         self.stats["steps"] += 1
         self.stats["batch_tokens"] += sum(n for _, n in batch)
         outs = []
         now = time.perf_counter()
-        sampling = []
+        sampling, rows = [], []  # (batch index, first logits row, rows), the hidden rows to run the head on
         for j, (seq, n) in enumerate(batch):
+            if seq.spec is not None and seq.spec.drafts:  # every checked position gives logits
+                sampling.append((j, len(rows), n))
+                rows.extend(range(qi[j] - n + 1, qi[j] + 1))
+                continue
             seq.num_computed += n
+            if seq.spec is not None:  # planned drafts that were not found: give back the blocks set aside
+                self.cache.truncate(seq.id, seq.num_computed)
             self._register_blocks(seq)
             if seq.num_computed == len(seq.tokens):
-                sampling.append(j)
+                sampling.append((j, len(rows), 1))
+                rows.append(qi[j])
         if not sampling:
             return outs
-        logits = self.model.logits(hidden[sampling]).float()
-        for row, j in enumerate(sampling):
+        logits = self.model.logits(hidden[torch.tensor(rows, device=hidden.device)]).float()
+        for j, r, n in sampling:
             seq = batch[j][0]
-            p = seq.params
-            tok = sample_next(logits[row], p, seq.generator, seq.prompt + seq.output)
-            lp, top = None, None
-            if p.logprobs is not None:
-                logp = torch.log_softmax(logits[row], -1)
-                lp = float(logp[tok])
-                if p.logprobs > 0:
-                    v, ix = logp.topk(min(p.logprobs, logp.numel()))
-                    top = list(zip(ix.tolist(), v.tolist()))
-            if not seq.output:
-                self.stats["prompt_tokens"] += len(seq.prompt)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.output.append(tok)
-            self.stats["generation_tokens"] += 1
-            reason = None
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-                reason = "stop"
-            elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
-                reason = "length"
-            if reason:
-                self._finish(seq, reason)
-            outs.append(StepOutput(seq.id, tok, lp, top, reason is not None, reason))
+            if n == 1:
+                new = [sample_next(logits[r], seq.params, seq.generator, seq.prompt + seq.output)]
+                proposed = 0
+            else:  # speculation: keep the accepted drafts, roll the cache back to them
+                proposed = len(seq.spec.drafts)
+                new = self.spec.verify(seq, logits[r:r + n])
+                kept = seq.num_computed + len(new)  # the fed token plus the accepted drafts
+                self.cache.truncate(seq.id, kept)
+                seq.num_computed = kept
+                self._register_blocks(seq)
+                self.spec.rollback(seq, kept)
+                self.stats["draft_proposed"] += proposed
+                self.stats["draft_accepted"] += len(new) - 1
+            for i, tok in enumerate(new):
+                o = self._emit(seq, tok, logits[r + i], now)
+                if i == 0:
+                    o.draft_proposed, o.draft_accepted = proposed, len(new) - 1
+                outs.append(o)
+                if o.finished:
+                    break
         return outs
+
+    def _fed(self, seq: Sequence, n: int) -> list[int]:
+        """The n tokens a sequence feeds this step: its next uncomputed tokens, then its drafts."""
+        toks = seq.tokens[seq.num_computed:seq.num_computed + n]
+        if seq.spec is not None and seq.spec.drafts:
+            toks = toks + seq.spec.drafts
+        return toks
+
+    def _emit(self, seq: Sequence, tok: int, logits: torch.Tensor, now: float) -> StepOutput:
+        """Append a generated token (logits: the target's, that chose it) and finish the sequence on a stop."""
+        p = seq.params
+        lp, top = None, None
+        if p.logprobs is not None:
+            logp = torch.log_softmax(logits, -1)
+            lp = float(logp[tok])
+            if p.logprobs > 0:
+                v, ix = logp.topk(min(p.logprobs, logp.numel()))
+                top = list(zip(ix.tolist(), v.tolist()))
+        if not seq.output:
+            self.stats["prompt_tokens"] += len(seq.prompt)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output.append(tok)
+        self.stats["generation_tokens"] += 1
+        reason = None
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self._finish(seq, reason)
+        return StepOutput(seq.id, tok, lp, top, reason is not None, reason)
 
     # ---- convenience --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None

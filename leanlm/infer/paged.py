@@ -238,6 +238,21 @@ class PagedKVCache:
         for g, n in zip(self.groups, need):
             g.tables[seq_id].extend(g.alloc.allocate() for _ in range(n))
 
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Keep only a sequence's first num_tokens tokens (speculative decoding's rejected drafts): its length
+        is cut and the blocks past the new end go back to the pool. Those blocks were never registered (only
+        full blocks of kept tokens are), so nothing of the prefix cache is lost."""
+        if num_tokens > self.lengths[seq_id]:
+            raise ValueError(f"sequence {seq_id!r} holds {self.lengths[seq_id]} tokens, cannot keep {num_tokens}")
+        keep = -(-num_tokens // self.block_size)
+        for g in self.groups:
+            table = g.tables[seq_id]
+            while len(table) > keep:
+                b = table.pop()
+                if b >= 0:
+                    g.alloc.release(b)
+        self.lengths[seq_id] = num_tokens
+
     def free_sequence(self, seq_id) -> None:
         # Release the tail first so that, among equally old blocks, prefix blocks are evicted last.
         for g in self.groups:

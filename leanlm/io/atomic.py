@@ -8,6 +8,18 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give the result the mode an ordinary open() or mkdir()
+    would (0666/0777 less the umask), so other users and services (ollama, a server) can read it."""
+    os.chmod(path, mode & ~_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
@@ -28,6 +40,7 @@ def atomic_dir(path: str | Path):
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _plain_mode(tmp, 0o777)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
@@ -52,6 +65,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _plain_mode(Path(tmp), 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

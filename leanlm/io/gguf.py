@@ -15,7 +15,7 @@ import torch
 from leanlm.errors import LeanLMError
 from leanlm.model.config import ModelConfig
 from leanlm.model.families import family, family_for_gguf, gguf_archs
-from leanlm.model.gguf_map import gguf_map, supported_names, to_leanlm
+from leanlm.model.gguf_map import LONGROPE, gguf_map, supported_names, to_leanlm
 
 ROPE_FREQS = "rope_freqs.weight"  # per-dimension RoPE frequency divisors (llama3 scaling)
 
@@ -131,12 +131,16 @@ def rope_from_freq_factors(factors: np.ndarray, theta: float, dim: int) -> dict:
             "original_max_position_embeddings": int(old) if float(old).is_integer() else float(old)}
 
 
-def config_from_fields(f: dict, tensor_names: set[str], source: str, rope_freqs=None) -> ModelConfig:
+def config_from_fields(f: dict, tensor_names: set[str], source: str, rope_freqs=None,
+                       small: dict | None = None) -> ModelConfig:
+    """small: RoPE factor tensors (LONGROPE) the architecture's config reader asks for as "tensor:NAME"."""
     arch = f.get("general.architecture")
     if arch not in gguf_archs():
         raise LeanLMError(f"{source}: unsupported architecture {arch!r}; leanlm reads GGUF {', '.join(gguf_archs())}")
 
     def g(key, default=None, required=False):
+        if key.startswith("tensor:"):
+            return (small or {}).get(key[7:], default)
         k = f"{arch}.{key}"
         if k not in f:
             if required:
@@ -218,12 +222,13 @@ def load_gguf(path: str | Path, progress=None):
     fields = read_fields(reader)
     names = {t.name for t in reader.tensors}
     freqs = next((dequantize_tensor(t) for t in reader.tensors if t.name == ROPE_FREQS), None)
-    cfg = config_from_fields(fields, names, str(path), rope_freqs=freqs)
+    small = {t.name: dequantize_tensor(t) for t in reader.tensors if t.name in LONGROPE}
+    cfg = config_from_fields(fields, names, str(path), rope_freqs=freqs, small=small)
     arch = fields["general.architecture"]
     m, lay = gguf_map(arch), family(cfg.model_type).layout
     sd = {}
     for t in reader.tensors:
-        if t.name == ROPE_FREQS:
+        if t.name == ROPE_FREQS or t.name in LONGROPE:
             continue  # read into the config's RoPE scaling above
         try:
             w = dequantize_tensor(t)

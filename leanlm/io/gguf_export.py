@@ -25,9 +25,9 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.io.gguf import ROPE_FREQS
-from leanlm.model.families import FAMILIES, family
-from leanlm.model.gguf_map import gguf_map, to_gguf
-from leanlm.model.layout import EMBED, HEAD
+from leanlm.model.families import family
+from leanlm.model.gguf_map import LONGROPE, export_fields, export_plan, gguf_map
+from leanlm.model.layout import HEAD
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
 _FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0", "Q5_0": "F16", "Q8_0": "F16", "Q4_0": "F16", "Q4_1": "F16"}
@@ -235,9 +235,55 @@ def _weight(mod, attr: str, name: str, source: str) -> torch.Tensor:
     raise LeanLMError(f"{source}: cannot export {name} (a {type(mod).__name__}); merge or remove it first")
 
 
+def _exact(mod, attr: str) -> str | None:
+    """The GGUF block type holding this weight exactly from its own codes, or None."""
+    if attr != "weight":
+        return None
+    return grid_format(mod) or ("Q8_0*" if int8_rows(mod) else None)
+
+
+def _tensor(model, t, want: str, source: str) -> tuple[np.ndarray, str, bool]:
+    """One planned GGUF tensor -> (data, type written, written from leanlm's own codes)."""
+    parts = [key.rsplit(".", 1) for key in t.keys]
+    mods = [model.get_submodule(name) for name, _ in parts]
+    exact = {_exact(mod, attr) for mod, (_, attr) in zip(mods, parts)}
+    if len(exact) == 1 and None not in exact and not t.shift and not t.float32 and t.join != "vector":
+        fmt = exact.pop()
+        blocks = [int8_rows_blocks(mod) if fmt == "Q8_0*" else grid_blocks(mod, fmt) for mod in mods]
+        data = np.stack(blocks) if t.join == "experts" else np.concatenate(blocks)
+        return data, fmt.rstrip("*"), True
+    ws = [_weight(mod, attr, key, source) for mod, (_, attr), key in zip(mods, parts, t.keys)]
+    w = (torch.stack(ws) if t.join == "experts" else torch.cat(ws)).numpy()
+    if t.shift:
+        w = w + np.float32(t.shift)
+    if t.join == "vector" or w.ndim == 1 or t.float32:
+        return np.ascontiguousarray(w.reshape(-1) if t.join == "vector" else w, dtype=np.float32), "F32", False
+    qtype = want
+    if t.head and want not in ("F32", "F16", "BF16", "Q8_0"):
+        qtype = "Q6_K"  # llama.cpp's choice for the output head
+    data, written = encode(w.reshape(-1, w.shape[-1]), qtype)
+    return data.reshape(*w.shape[:-1], data.shape[-1]), written, False
+
+
+def _keys(cfg) -> set[str]:
+    """The state-dict keys of a plain model of this config (what the file holds, whatever form leanlm
+    keeps each module in), the tied head left out."""
+    from leanlm.io.checkpoint import build_on_meta
+
+    keys = set(build_on_meta(cfg).state_dict())
+    if cfg.tie_word_embeddings:
+        keys.discard(f"{HEAD}.weight")
+    return keys
+
+
+def progress_total(model) -> int:
+    """How many times export_gguf calls `progress` for this model."""
+    return len(_keys(model.config))
+
+
 def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress=None, source: str = "model") -> dict:
     """Write `model` as a GGUF file at `path`, atomically. Returns {"types": {type: count}, "exact": n}:
-    n quantized linears written from their own codes."""
+    n tensors written from leanlm's own integer codes."""
     import gguf
 
     from leanlm.io.gguf import _llama3_factors
@@ -249,21 +295,26 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
     cfg = model.config
     fam = family(cfg.model_type, source)
     arch = fam.gguf_arch
-    if not _exportable(fam) or cfg.num_experts:
-        raise LeanLMError(f"{source}: family {cfg.model_type!r} has no GGUF export in leanlm (it writes "
-                          f"{', '.join(f.model_type for f in FAMILIES.values() if _exportable(f))})")
+    if arch is None:
+        raise LeanLMError(f"{source}: family {cfg.model_type!r} has no GGUF architecture in llama.cpp")
     gmap = gguf_map(arch)
     if not cfg.uniform:
         raise LeanLMError(f"{source}: layers differ in shape (structured pruning); llama.cpp's "
                           f"{arch!r} architecture needs uniform layers")
-    if cfg.rope_type == "dynamic":
-        raise LeanLMError(f"{source}: dynamic NTK RoPE scaling has no GGUF form llama.cpp reads")
+    try:
+        meta = export_fields(cfg, gmap)
+    except LeanLMError as e:
+        raise LeanLMError(f"{source}: cannot write {cfg.model_type} as llama.cpp's {arch!r}: {e}") from None
     if tokenizer is None:
         raise LeanLMError(f"{source}: no tokenizer; llama.cpp needs one in the GGUF file")
-    from leanlm.io.checkpoint import build_on_meta
-
-    head = f"{HEAD}.weight" if not cfg.tie_word_embeddings else f"{EMBED}.weight"  # llama.cpp's output tensor
-    keys = [k for k in build_on_meta(cfg).state_dict() if not (cfg.tie_word_embeddings and k == f"{HEAD}.weight")]
+    present = _keys(cfg)
+    try:
+        plan = export_plan(cfg, fam.layout, gmap, present)
+    except LeanLMError as e:
+        raise LeanLMError(f"{source}: {e}") from None
+    left = present - {k for t in plan for k in t.keys}
+    if left:
+        raise LeanLMError(f"{source}: no GGUF name for tensor {sorted(left)[0]} in llama.cpp's {arch!r}")
     fields = tokenizer_fields(tokenizer, cfg.vocab_size, source)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -274,29 +325,10 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(path.stem)
         w.add_file_type(_FILE_TYPE[want])
-        w.add_block_count(cfg.num_layers)
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_heads)
-        w.add_head_count_kv(cfg.num_kv_heads)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        if cfg.sliding_window:
-            w.add_sliding_window(cfg.sliding_window)
+        for key, value in meta.items():
+            _add_field(w, gguf, f"{arch}.{key}", value)
         rs = cfg.rope_scaling or {}
-        if cfg.rope_type in ("linear", "yarn"):
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if cfg.rope_type == "linear"
-                                    else gguf.RopeScalingType.YARN)
-            w.add_rope_scaling_factor(float(rs["factor"]))
-            if cfg.rope_type == "yarn":
-                w.add_rope_scaling_orig_ctx_len(int(rs.get("original_max_position_embeddings")
-                                                    or cfg.max_position_embeddings))
-        elif cfg.rope_type in ("llama3", "freq_factors"):
+        if cfg.rope_type in ("llama3", "freq_factors"):  # only gmap.rope_freqs architectures get here
             if cfg.rope_type == "llama3":
                 inv = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
                 fac = _llama3_factors(inv, float(rs["factor"]), float(rs["low_freq_factor"]),
@@ -304,41 +336,20 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
             else:
                 fac = np.asarray(rs["factors"])
             w.add_tensor(ROPE_FREQS, fac.astype(np.float32))
+        elif cfg.rope_type == "longrope":  # only architectures whose rope_kinds has it (phi3)
+            for name, key in LONGROPE.items():
+                w.add_tensor(name, np.asarray(rs[key], dtype=np.float32))
         for key, value in fields.items():
             _add_field(w, gguf, key, value)
-        for key in keys:
-            modname, attr = key.rsplit(".", 1)
-            mod = model.get_submodule(modname)
-            gname = to_gguf(key, cfg, fam.layout, gmap)
-            if gname is None:
-                raise LeanLMError(f"{source}: no GGUF name for tensor {key}")
-            perm = None
-            if gmap.permute_qk and gname.endswith(("attn_q.weight", "attn_q.bias")):
-                perm = cfg.num_heads
-            elif gmap.permute_qk and gname.endswith(("attn_k.weight", "attn_k.bias")):
-                perm = cfg.num_kv_heads
-            fmt = grid_format(mod) if attr == "weight" else None
-            if fmt:
-                data, written = grid_blocks(mod, fmt), fmt
-                exact += 1
-            elif attr == "weight" and int8_rows(mod):
-                data, written = int8_rows_blocks(mod), "Q8_0"
-                exact += 1
-            else:
-                a = _weight(mod, attr, key, source).numpy()
-                if a.ndim == 1:
-                    data, written = np.ascontiguousarray(a, dtype=np.float32), "F32"
-                else:
-                    t = want
-                    if key == head and want not in ("F32", "F16", "BF16", "Q8_0"):
-                        t = "Q6_K"  # llama.cpp's choice for the output head
-                    data, written = encode(a, t)
-            if perm:
-                data = permute_qk(data, perm)
+        for t in plan:
+            data, written, own = _tensor(model, t, want, source)
+            exact += own
+            if t.permute:
+                data = permute_qk(data, t.permute)
             raw = getattr(gguf.GGMLQuantizationType, written)
-            w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=None if written in ("F32", "F16") else raw)
+            w.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=None if written in ("F32", "F16") else raw)
             counts[written] = counts.get(written, 0) + 1
-            if progress:
+            for _ in t.keys if progress else ():  # the bar counts state-dict tensors
                 progress()
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -351,19 +362,14 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", progress
     return {"types": counts, "exact": exact}
 
 
-def _exportable(fam) -> bool:
-    from leanlm.model.gguf_map import MAPS
-
-    m = MAPS.get(fam.gguf_arch or "")
-    return m is not None and m.export and not fam.gguf_moe
-
-
 def _add_field(w, gguf, key: str, value) -> None:
     T = gguf.GGUFValueType
     if isinstance(value, bool):
         w.add_bool(key, value)
     elif isinstance(value, int):
         w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
     elif isinstance(value, str):
         w.add_string(key, value)
     elif key == "tokenizer.ggml.scores":

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from leanlm.errors import LeanLMError
 from leanlm.infer.engine import SamplingParams
+from leanlm.infer.engine_spec import SpecParams
 from leanlm.serve import schema
 from leanlm.serve.engine_loop import AsyncEngine, Overloaded, ShuttingDown
 from leanlm.serve.text import Choice, usage
@@ -132,6 +133,9 @@ class Server:
         metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
                s["prefix_hit_tokens"])
         metric("preemptions_total", "counter", "Sequences preempted (recomputed later).", s["preemptions"])
+        metric("draft_tokens_proposed_total", "counter", "Speculative draft tokens checked by the model.",
+               s["draft_proposed"])
+        metric("draft_tokens_accepted_total", "counter", "Speculative draft tokens accepted.", s["draft_accepted"])
         metric("engine_steps_total", "counter", "Engine forward steps.", s["steps"])
         metric("kv_blocks_total", "gauge", "KV cache blocks.", alloc.num_blocks)
         metric("kv_blocks_free", "gauge", "KV blocks free or holding evictable prefix-cache content.",
@@ -205,6 +209,14 @@ class Server:
         params = SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
                                 top_k=max(req.top_k, 0), seed=req.seed, ignore_eos=req.ignore_eos,
                                 repetition_penalty=float(req.repetition_penalty), logprobs=logprobs)
+        if req.speculative is not None:
+            s = req.speculative
+            params.speculative = SpecParams(s.method, s.k, s.k_max, s.adaptive)
+            eng = self.aengine.engine
+            try:
+                eng.spec.check(params, eng.num_virtual)  # reads only what the engine was built with
+            except LeanLMError as e:
+                raise APIError(400, str(e).removeprefix("engine: "), "speculative")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         include_usage = bool(req.stream_options and req.stream_options.include_usage) and req.stream
         return Prepared(prompts, params, req.n, stops, req.stream, include_usage, adapter)
@@ -438,7 +450,7 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                     out.append({"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                                 "logprobs": c.completion_logprobs(entries) if entries is not None else None})
             return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": out,
-                    "usage": usage(job.prompts, job.n, choices, saved)}
+                    "usage": usage(job.prompts, job.n, choices, saved, job.params.speculative)}
 
         async def sse():
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -469,7 +481,7 @@ def build_app(aengine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                         yield chunk([{"index": c.index, "text": delta, "logprobs": lp,
                                       "finish_reason": c.finish_reason}])
                 if job.include_usage:
-                    yield chunk([], usage=usage(job.prompts, job.n, choices, saved))
+                    yield chunk([], usage=usage(job.prompts, job.n, choices, saved, job.params.speculative))
                 yield "data: [DONE]\n\n"
             except APIError as e:  # the status line is sent: the error goes in the stream
                 yield "data: " + json.dumps(e.body()) + "\n\n"

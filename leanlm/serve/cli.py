@@ -30,6 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow POST /v1/load_lora_adapter for folders under this directory")
     g.add_argument("--max-loras", type=int, default=8, help="adapters held in the pool at once (LRU reuse)")
     g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank the pool takes")
+    g = p.add_argument_group("speculative decoding (requests ask with \"speculative\": {\"method\": ..., \"k\": K})")
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a draft model sharing the tokenizer (folder or .gguf, e.g. a 4-bit `leanlm compress` "
+                        "output) for method \"draft\"; its K/V take a pool like the model's (prompt_lookup needs "
+                        "nothing)")
+    g.add_argument("--layer-skip", nargs="?", const="default", default=None, metavar="LAYERS",
+                   help="offer method \"layer_skip\": the model without these layers (e.g. 15,17,19; default: "
+                        "every other layer of the second half) drafts for itself")
     g = p.add_argument_group("limits")
     g.add_argument("--max-pending", type=int, default=256,
                    help="requests (choices) queued or running at once; beyond it: 429 with Retry-After")
@@ -42,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM: seconds the requests in flight get to finish before the server exits")
 
 
-def make_server(model, tokenizer, args) -> tuple:
-    """(app, AsyncEngine) for a loaded model and the parsed arguments."""
+def make_server(model, tokenizer, args, draft=None) -> tuple:
+    """(app, AsyncEngine) for a loaded model and the parsed arguments (draft: the loaded --draft model)."""
     from leanlm.infer.engine import Engine
     from leanlm.serve.app import build_app
     from leanlm.serve.engine_loop import AsyncEngine
@@ -77,11 +85,21 @@ def make_server(model, tokenizer, args) -> tuple:
     eng = Engine(model, block_size=args.block_size, num_blocks=args.num_blocks,
                  max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
                  prefix_caching=not args.no_prefix_caching, eos_ids=tuple(tokenizer.eos_ids),
-                 max_model_len=args.max_model_len, adapters=pool)
+                 max_model_len=args.max_model_len, adapters=pool, draft=draft,
+                 layer_skip=_layer_skip(getattr(args, "layer_skip", None)))
     aeng = AsyncEngine(eng, Limits(args.max_pending, args.max_pending_tokens))
     app = build_app(aeng, tokenizer, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                     request_timeout=args.request_timeout, max_choices=args.max_choices, loras=reg)
     return app, aeng
+
+
+def _layer_skip(spec: str | None):
+    if spec is None or spec == "default":
+        return None if spec is None else True
+    try:
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise LeanLMError(f"--layer-skip {spec!r}: write layer indices separated by commas, e.g. 15,17,19")
 
 
 def _default_name(model, source) -> str:
@@ -158,6 +176,9 @@ def run(args) -> int:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
     model, tok = leanlm.load(args.model, dtype=args.dtype, adapter=args.adapter)
     model.eval()
-    app, aeng = make_server(model, tok, args)
+    draft = None
+    if args.draft:
+        draft = leanlm.load(args.draft, dtype=args.dtype)[0].eval()
+    app, aeng = make_server(model, tok, args, draft=draft)
     serve(app, aeng, args.host, args.port, drain_timeout=args.drain_timeout)
     return 0

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from leanlm.infer.engine_spec import MAX_K
+
 SEED_MAX = (1 << 63) - 1
 MAX_N = 16
 MAX_STOP = 16
@@ -51,6 +53,16 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class Speculative(_Strict):
+    """Speculative decoding for this request (leanlm.infer.engine_spec); the same output, fewer target steps."""
+    method: Literal["draft", "prompt_lookup", "layer_skip"] = Field(
+        description="draft: the server's --draft model; prompt_lookup: n-grams of the prompt (no model); "
+                    "layer_skip: the model with some layers skipped (server started with --layer-skip)")
+    k: int = Field(4, ge=1, le=MAX_K, description="draft tokens of the first round")
+    k_max: int | None = Field(None, ge=1, le=MAX_K, description="longest draft as the length adapts (default 2k)")
+    adaptive: bool = Field(True, description="adapt the draft length to the acceptance (false: always k)")
+
+
 def _sampling(vocab: int, max_len: int, model_name: str | None):
     class Sampling(_Strict):
         model: str = Field(min_length=1, max_length=256, description="a model id from GET /v1/models "
@@ -73,6 +85,9 @@ def _sampling(vocab: int, max_len: int, model_name: str | None):
         repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="vLLM's, 1: off")
         ignore_eos: bool = False
         user: str | None = Field(None, max_length=256, description="accepted and ignored")
+        speculative: Speculative | None = Field(None, description='speculative decoding, e.g. {"method": '
+                                                '"prompt_lookup", "k": 4}; usage then reports the draft tokens '
+                                                'proposed and accepted')
         leanlm: dict | None = Field(None, description='leanlm extensions: {"compress_prompt": RATE} or '
                                     '{"compress_prompt": {"rate": RATE, "question": "..."}} compresses the '
                                     'prompt (LLMLingua-style, RATE in (0, 1] of its tokens kept) before prefill; '
@@ -127,7 +142,8 @@ class ErrorResponse(BaseModel):
 
 
 class Usage(BaseModel):
-    """Token counts; a request with leanlm.compress_prompt also gets prompt_tokens_saved (absent otherwise)."""
+    """Token counts; a request with leanlm.compress_prompt also gets prompt_tokens_saved, one with speculative
+    gets speculative: {method, proposed, accepted} (draft tokens; absent otherwise)."""
     model_config = ConfigDict(extra="allow")
     prompt_tokens: int
     completion_tokens: int

@@ -15,9 +15,12 @@ class Choice:
         self.text, self.sent = "", 0
         self.finish_reason: str | None = None
         self.rid: str | None = None
+        self.draft_proposed = self.draft_accepted = 0
 
     def feed(self, o: StepOutput) -> str:
         """Take one engine output; return the new text that is safe to send."""
+        self.draft_proposed += o.draft_proposed
+        self.draft_accepted += o.draft_accepted
         if o.token is not None:
             self.ids.append(o.token)
             if o.logprob is not None:
@@ -64,10 +67,14 @@ class Choice:
         return {"content": [dict(item(t, lp), top_logprobs=[item(a, b) for a, b in top]) for t, lp, top in entries]}
 
 
-def usage(prompts, n, choices, saved: int | None = None) -> dict:
+def usage(prompts, n, choices, saved: int | None = None, speculative=None) -> dict:
     p = sum(len(x) for x in prompts)  # as OpenAI: the prompt counts once, whatever n
     c = sum(len(ch.ids) for ch in choices.values())
     out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
     if saved is not None:  # the request asked for leanlm.compress_prompt
         out["prompt_tokens_saved"] = saved
+    if speculative is not None:  # the request asked for speculative decoding: its draft tokens
+        out["speculative"] = {"method": speculative.method,
+                              "proposed": sum(ch.draft_proposed for ch in choices.values()),
+                              "accepted": sum(ch.draft_accepted for ch in choices.values())}
     return out
