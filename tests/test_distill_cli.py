@@ -60,3 +60,45 @@ def test_seqkd_generations_continue_prompts_and_mask_them():
         assert ex["labels"][4:] == ex["input_ids"][4:]
         assert any(ex["input_ids"][:4] == d["input_ids"][:4] for d in data)
     assert gens == teacher_generations(teacher, data, 6, 4, 7, seed=1, eos=[])  # same seed, same data
+
+
+def test_distill_cli_on_generated_text_caches_it(tmp_path, capsys, monkeypatch, pair):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    args = ["distill", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", "generated",
+            "--gen-count", "6", "--gen-len", "16", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+            "--lr", "1e-2", "--no-eval", "--json"]
+    assert main(args + ["-o", str(tmp_path / "a")]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["examples"] == 6 and first["generated_from_cache"] is False and first["steps"] == 3
+    assert main(args + ["-o", str(tmp_path / "b")]) == 0  # another output folder: the text is read back
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["generated_from_cache"] is True and second["first_loss"] == first["first_loss"]
+    assert len(list((tmp_path / "cache" / "generated").glob("*.safetensors"))) == 1
+
+
+def test_distill_cli_students_of_another_shape(tmp_path, capsys, monkeypatch, pair):
+    """Minitron's comparison: a student cut from the teacher by a recipe, and one of another shape from scratch;
+    each shrinks, learns, and saves a folder that leanlm and transformers load alike."""
+    import transformers
+
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat and the dog ran to the cat. " * 100)
+    assert main(["compress", str(pair[0]), "--recipe", "minitron-width-40", "-o", str(tmp_path / "cut"),
+                 "--samples", "4", "--seq-len", "32", "--no-eval"]) == 0
+    teacher, _ = leanlm.load(pair[0])
+    for student, shape in ((str(tmp_path / "cut"), None), ("scratch:num_layers=1,intermediate_size=32", (1, 32))):
+        out = tmp_path / ("o" + str(shape is None))
+        assert main(["distill", "--teacher", str(pair[0]), "--student", student, "--data", str(data), "-o", str(out),
+                     "--steps", "8", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2", "--warmup", "0",
+                     "--no-eval", "--json"]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["steps"] == 8 and res["last_loss"] < res["first_loss"]
+        assert res["student_params"] < 0.8 * teacher.num_parameters()
+        model, tok = leanlm.load(out / "model")
+        if shape:
+            assert (model.config.num_layers, model.config.intermediate_size) == shape
+        ids = torch.tensor([tok.encode("the cat sat on the mat")])
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=1e-4)

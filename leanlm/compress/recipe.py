@@ -39,7 +39,7 @@ from leanlm.options import RESERVED, build_config, method_entry  # noqa: F401  (
 
 DEFAULT_TARGETS = [block_pattern()]
 RECIPE_DIR = Path(__file__).parent / "recipes"
-PATTERN = re.compile(r"^w(\d)a16-([a-z0-9]+)-g(\d+)(-e8)?$")
+PATTERN = re.compile(r"^w(\d)a16-([a-z0-9]+)-g(\d+)(-e8)?(-datafree)?$")
 EMBED8_TARGETS = [rf"^{re.escape(EMBED)}$"]
 
 
@@ -63,12 +63,17 @@ class Recipe:
     def needs_data(self) -> bool:
         """Whether any step uses calibration samples (whole-model callables may set needs_data=False)."""
         reg = registry()
-        return any(needs_data(*reg[s.method]) for s in self.steps if s.method in reg)
+        return any(needs_data(*reg[s.method], s.fields) for s in self.steps if s.method in reg)
 
 
-def needs_data(cls, how) -> bool:
-    """A Method says so itself; a whole-model function's config class says so (`needs_data`, default True)."""
-    return how.needs_data if isinstance(how, Method) else getattr(cls, "needs_data", True)
+def needs_data(cls, how, fields: dict | None = None) -> bool:
+    """A Method says so itself; a whole-model function's config class says so (`needs_data`, default True,
+    or `step_needs_data(fields)` when it depends on the step's fields, e.g. distill's `data: generated`)."""
+    if isinstance(how, Method):
+        return how.needs_data
+    if fields is not None and hasattr(cls, "step_needs_data"):
+        return cls.step_needs_data(fields)
+    return getattr(cls, "needs_data", True)
 
 
 def registry() -> dict:
@@ -86,17 +91,24 @@ def _pattern_recipe(name: str) -> Recipe | None:
     if not m:
         return None
     bits, method, g = int(m.group(1)), m.group(2), int(m.group(3))
-    steps = [RawStep(method, {"bits": bits, "group_size": g}, list(DEFAULT_TARGETS), [], 1)]
+    fields = {"bits": bits, "group_size": g}
+    if m.group(5):  # -datafree: QAT on text the model writes itself (LLM-QAT), no calibration data
+        if method != "qat":
+            raise LeanLMError(f"recipe name {name!r}: -datafree applies to qat recipes only "
+                              f"(w{bits}a16-qat-g{g}-datafree); {method} calibrates on data")
+        fields["data"] = "generated"
+    steps = [RawStep(method, fields, list(DEFAULT_TARGETS), [], 1)]
     if m.group(4):  # -e8: the embedding as int8 rows; a tied output head then runs from them (int8 kernel)
         steps.append(RawStep("rtn", {"bits": 8, "group_size": 0}, list(EMBED8_TARGETS), [], 1))
     return Recipe(f"recipe name {name!r}", steps)
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """A built-in name, a `w{bits}a16-{method}-g{size}[-e8]` name, or a YAML file path.
+    """A built-in name, a `w{bits}a16-{method}-g{size}[-e8][-datafree]` name, or a YAML file path.
 
     `-e8` adds a step that stores the embedding as int8 rows (one scale each, like GGUF's Q8_0
     embedding); with tied embeddings the output head then runs from that table with the int8 kernel.
+    `-datafree` (qat only) trains on text the model generates itself instead of calibration samples.
     A `+distill` suffix on any name adds a last step that recovers the compressed model by distillation
     from the model as it was before the recipe (leanlm/compress/recover.py)."""
     if name_or_path.endswith("+distill"):

@@ -15,7 +15,11 @@ when a recipe holds a distill step). What trains, with the teacher's distributio
   It trains when float weights train, at `ternary_lr` (BitNet trains at far higher rates than fine-tuning:
   a weight must move about half its layer's absmean to change its code).
 The training text is the recipe's calibration samples (`leanlm compress --samples N --seq-len L`),
-cut into windows of `seq_len` tokens.
+cut into windows of `seq_len` tokens; or, with `data: generated`, text the teacher writes itself
+(LLM-QAT's data-free recipe, leanlm/train/datafree.py: `gen_count` sequences of `gen_len` tokens, each
+from a random first token, the first `gen_greedy` continuations greedy and the rest sampled; cached on
+disk, so a rerun does not generate again). A recipe whose distill/qat steps all use generated text needs
+no calibration data at all.
 """
 from __future__ import annotations
 
@@ -28,7 +32,10 @@ from leanlm.compress.quant.bitnet import BitLinear
 from leanlm.compress.quant.grid import MASK_MIN_FRACTION
 from leanlm.compress.quant.qlinear import QuantLinear
 from leanlm.errors import LeanLMError
+from leanlm.train.datafree import GenerationSpec, self_generated
 from leanlm.train.distill import DistillConfig, distill
+
+DATA = ("calib", "generated")
 
 
 @dataclass
@@ -40,6 +47,10 @@ class DistillStepConfig(DistillConfig):
     train_scales: bool = True  # quantized linears' scales and offsets train
     ternary_lr: float = 5e-4  # BitLinear latent weights
     progress: bool = True
+    data: str = "calib"  # calib: the recipe's calibration samples | generated: the teacher's own text
+    gen_count: int = 64  # data: generated -- sequences the teacher writes
+    gen_len: int = 0  # tokens per generated sequence (0: seq_len)
+    gen_greedy: int = 4  # greedy tokens after the random first one, then sampling
     targets: list | None = None
     ignore: list | None = None
 
@@ -47,6 +58,19 @@ class DistillStepConfig(DistillConfig):
         super().validate()
         if not (self.scales_lr > 0 and self.ternary_lr > 0):
             raise LeanLMError(f"scales_lr and ternary_lr must be > 0 (got {self.scales_lr}, {self.ternary_lr})")
+        if self.data not in DATA:
+            raise LeanLMError(f"data must be one of {', '.join(DATA)} (got {self.data!r})")
+        if self.data == "generated":
+            self.generation_spec().validate()
+
+    def generation_spec(self) -> GenerationSpec:
+        return GenerationSpec(count=self.gen_count, length=self.gen_len or self.seq_len, greedy=self.gen_greedy,
+                              seed=self.seed)
+
+    @staticmethod
+    def step_needs_data(fields: dict) -> bool:
+        """Whether a recipe step with these YAML fields reads calibration samples."""
+        return fields.get("data", "calib") != "generated"
 
 
 def _quant_params(model) -> list[tuple[QuantLinear, list[str]]]:
@@ -124,9 +148,13 @@ def distill_step(model, cfg: DistillStepConfig, modules, samples, original=None,
     if original is None:
         raise LeanLMError("the distill step needs the model as it was before the recipe (run it through "
                           "apply_recipe, which keeps that copy)")
-    if samples is None:
-        raise LeanLMError("the distill step needs calibration samples as training text")
-    data = windows(samples, cfg.seq_len)
+    if cfg.data == "generated":
+        data, _ = self_generated(original, cfg.generation_spec(), list(original.config.eos_token_id),
+                                 progress=cfg.progress)
+    elif samples is None:
+        raise LeanLMError("the distill step needs calibration samples as training text (or data: generated)")
+    else:
+        data = windows(samples, cfg.seq_len)
     undo = make_trainable(model, cfg, original)
     try:
         if not any(p.requires_grad for p in model.parameters()):

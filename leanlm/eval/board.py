@@ -124,7 +124,7 @@ def recipe_text(name: str) -> str:
             text = p.read_text()
         elif builtin.is_file():
             text = builtin.read_text()
-        elif re.match(r"^w(\d)a16-([a-z0-9]+)-g(\d+)(-e8)?$", base):
+        elif re.match(r"^w(\d)a16-([a-z0-9]+)-g(\d+)(-e8)?(-datafree)?$", base):
             text = base
         else:
             raise LeanLMError(f"unknown recipe {base!r}: not a file, not a built-in ({', '.join(builtin_names())}), "

@@ -1,7 +1,12 @@
-"""`leanlm distill --teacher T [--student S] --loss fkl|rkl|skl|srkl|jsd|ce --data FILE|packaged -o OUT`.
+"""`leanlm distill --teacher T [--student S] --loss fkl|rkl|skl|srkl|jsd|ce --data FILE|packaged|generated -o OUT`.
 
 The teacher is frozen (optionally held as 8-bit weights to save memory); the student trains all its
 float weights (and, for a quantized student, its quantization scales; pruned zeros stay zero).
+The student is a folder/.gguf (e.g. a model pruned by `leanlm compress --recipe minitron-depth-50`:
+Minitron's prune-then-distil), a copy of the teacher, or `scratch:num_layers=12[,hidden_size=...]`: the
+teacher's config with those fields changed, randomly initialised, with the teacher's tokenizer.
+`--data generated` trains on text the teacher writes itself (LLM-QAT's data-free recipe,
+leanlm/train/datafree.py; cached under the leanlm cache, so a rerun does not generate again).
 Checks before any work: the data file exists, teacher and student share vocabulary and tokenizer.
 Writes OUT/model (the student), checkpoints OUT/step-N (resume with --resume) and OUT/log.jsonl;
 prints a before/after table (perplexity on a held-out text), `--json` one JSON object last.
@@ -21,13 +26,21 @@ from leanlm.errors import LeanLMError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="teacher: Hugging Face folder or .gguf (default: the default model)")
-    p.add_argument("--student", default=None, help="student folder/.gguf (default: a copy of the teacher)")
+    p.add_argument("--student", default=None,
+                   help="student folder/.gguf (default: a copy of the teacher), or scratch:FIELD=N,... for a "
+                        f"randomly initialised student of the teacher's config with {', '.join(SCRATCH_FIELDS)} "
+                        "changed (e.g. scratch:num_layers=12)")
     p.add_argument("--loss", default="fkl", choices=["fkl", "rkl", "skl", "srkl", "jsd", "ce"])
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--beta", type=float, default=0.5, help="jsd: 0 = forward KL ... 1 = reverse KL")
     p.add_argument("--skew", type=float, default=0.1, help="skl/srkl: weight of the first distribution")
     p.add_argument("--data", default="packaged:calib",
-                   help="training text: a .txt/.jsonl file, or packaged:calib (default)")
+                   help="training text: a .txt/.jsonl file, packaged:calib (default), or generated (the teacher "
+                        "writes it: a random first token, --gen-greedy greedy tokens, then sampling; LLM-QAT)")
+    p.add_argument("--gen-count", type=int, default=64, help="--data generated: sequences the teacher writes")
+    p.add_argument("--gen-len", type=int, default=0, help="--data generated: tokens per sequence (0: --seq-len)")
+    p.add_argument("--gen-greedy", type=int, default=4,
+                   help="--data generated: greedy tokens after the random first one, then sampling")
     p.add_argument("-o", "--output", required=True, help="output folder (model/, checkpoints, log.jsonl)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -73,8 +86,52 @@ def read_source(spec: str, what: str) -> str:
     return read_text(spec)
 
 
+SCRATCH_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
+
+
+def parse_scratch(spec: str | None) -> dict | None:
+    """`scratch:num_layers=12,hidden_size=384` -> {"num_layers": 12, "hidden_size": 384}; None for a path."""
+    if not spec or not spec.startswith("scratch:"):
+        return None
+    out = {}
+    for part in filter(None, spec[len("scratch:"):].split(",")):
+        k, eq, v = part.partition("=")
+        if not eq or k not in SCRATCH_FIELDS or not v.isdigit() or int(v) < 1:
+            raise LeanLMError(f"--student {spec}: expected scratch:FIELD=N[,FIELD=N...] with FIELD one of "
+                              f"{', '.join(SCRATCH_FIELDS)} and N >= 1 (got {part!r})")
+        out[k] = int(v)
+    if not out:
+        raise LeanLMError(f"--student {spec}: name at least one field, e.g. scratch:num_layers=12")
+    return out
+
+
+def scratch_student(teacher, shape: dict, seed: int):
+    """A randomly initialised (N(0, 0.02), leanlm.train.pretrain) model of the teacher's family and vocabulary,
+    the teacher's config with the fields in `shape` changed and uniform layers."""
+    import dataclasses
+
+    from leanlm.train.pretrain import new_model
+
+    cfg = teacher.config
+    shape = dict(shape)
+    if ("hidden_size" in shape or "num_heads" in shape) and "head_dim" not in shape:
+        shape["head_dim"] = None  # recomputed as hidden_size // num_heads
+    if "num_layers" in shape and shape["num_layers"] != cfg.num_layers and (cfg.layer_types or cfg.moe_layers):
+        raise LeanLMError("--student scratch: this teacher lists per-layer types; a student of another depth "
+                          "needs a config.json of its own (--student FOLDER)")
+    per_layer = {f.name: None for f in dataclasses.fields(cfg)
+                 if f.name.startswith("layer_") and f.name != "layer_types"}
+    new = dataclasses.replace(cfg, **per_layer, **shape)
+    if new.head_dim * new.num_heads == 0 or (shape.get("head_dim") is None and new.hidden_size % new.num_heads):
+        raise LeanLMError(f"--student scratch: hidden_size {new.hidden_size} is not a multiple of num_heads "
+                          f"{new.num_heads}; give head_dim too")
+    return new_model(new, "normal", seed=seed)
+
+
 def check_data(spec: str) -> None:
     """Bad --data stops here, before any model is loaded."""
+    if spec == "generated":
+        return
     if spec.startswith("packaged:"):
         from leanlm.data.text import packaged_path
 
@@ -155,6 +212,17 @@ def run(args) -> int:
                             on_policy=args.lmbda,
                             seed=args.seed)
     cfg.validate()
+    shape = parse_scratch(args.student)
+    gen = None
+    if args.data == "generated":
+        from leanlm.train.datafree import GenerationSpec
+
+        gen = GenerationSpec(count=args.gen_count, length=args.gen_len or args.seq_len, greedy=args.gen_greedy,
+                             seed=args.seed)
+        gen.validate()
+    if args.loss == "ce" and args.student and (gen is not None or shape is not None):
+        raise LeanLMError("--data generated and --student scratch:... need the teacher (its text, its config); "
+                          "use a divergence loss, not ce")
     eval_text = None if args.no_eval else read_source(args.eval_text, "evaluation text")
     if eval_text is not None and args.eval_chars:
         eval_text = eval_text[: args.eval_chars]
@@ -162,14 +230,24 @@ def run(args) -> int:
     quant = int8_teacher_hook if args.teacher_int8 else None
     teacher, t_tok = (None, None) if args.loss == "ce" and args.student else leanlm.load(
         args.teacher, dtype=torch.float32, quantize=quant, progress=sys.stderr.isatty())
-    student, s_tok = leanlm.load(args.student if args.student else args.teacher, dtype=torch.float32)
+    if shape is not None:
+        student, s_tok = scratch_student(teacher, shape, args.seed), t_tok
+    else:
+        student, s_tok = leanlm.load(args.student if args.student else args.teacher, dtype=torch.float32)
     student.to(device)
     if teacher is not None:
         teacher.to(device)
     if teacher is not None:
         check_pair(student, s_tok, teacher, t_tok, f"student {args.student or '(copy)'}",
                    f"teacher {args.teacher or '(default model)'}")
-    data = training_examples(args.data, s_tok, args.seq_len)
+    generated_from_cache = None
+    if gen is not None:
+        from leanlm.train.datafree import self_generated
+
+        eos = getattr(t_tok, "eos_ids", None) or teacher.config.eos_token_id
+        data, generated_from_cache = self_generated(teacher, gen, eos, progress=not (args.no_progress or args.json))
+    else:
+        data = training_examples(args.data, s_tok, args.seq_len)
     if args.seqkd:
         if teacher is None:
             raise LeanLMError("--seqkd needs a teacher")
@@ -209,9 +287,12 @@ def run(args) -> int:
         return 0
     leanlm.save(student.cpu(), s_tok, out / "model")
     result = {"loss": args.loss, "processes": world, "steps": res.steps, "examples": len(data),
-              "train_seconds": round(took, 1), "tokens_per_s": round(res.tokens_per_s * world, 1),
+              "train_seconds": round(took, 1), "student_params": student.num_parameters(),
+              "tokens_per_s": round(res.tokens_per_s * world, 1),
               "peak_rss_mb": round(peak_rss_mb(), 1), "first_loss": res.losses[0] if res.losses else None,
               "last_loss": res.losses[-1] if res.losses else None, **before}
+    if generated_from_cache is not None:
+        result["generated_from_cache"] = generated_from_cache
     if after is not None:
         result["student_ppl_after"] = after
     result["output"] = str(out / "model")

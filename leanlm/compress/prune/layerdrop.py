@@ -16,6 +16,14 @@ from leanlm.errors import LeanLMError
 class LayerDropConfig:
     num_blocks: int = 4  # blocks removed, the most redundant (highest input/output cosine) first
     skip_last: int = 1  # never drop the last blocks (they shape the output distribution)
+    fraction: float = 0.0  # > 0: remove round(fraction x blocks) instead of num_blocks (recipes for any depth)
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise LeanLMError(f"layerdrop fraction {self.fraction}: expected a fraction of the blocks in [0, 1)")
+
+    def blocks_to_drop(self, n: int) -> int:
+        return max(1, round(self.fraction * n)) if self.fraction > 0 else self.num_blocks
 
 
 def block_redundancy(model, samples, progress: bool = True) -> list[float]:
@@ -39,11 +47,13 @@ def layer_drop(model, cfg: LayerDropConfig, modules=None, samples=None, progress
     if samples is None:
         raise LeanLMError("layer dropping needs calibration samples to measure block redundancy")
     n = model.config.num_layers
-    if not 0 < cfg.num_blocks < n - cfg.skip_last:
-        raise LeanLMError(f"layerdrop num_blocks {cfg.num_blocks}: the model has {n} blocks "
+    k = cfg.blocks_to_drop(n)
+    if not 0 < k < n - cfg.skip_last:
+        what = f"fraction {cfg.fraction} ({k} blocks)" if cfg.fraction > 0 else f"num_blocks {k}"
+        raise LeanLMError(f"layerdrop {what}: the model has {n} blocks "
                           f"(the last {cfg.skip_last} are kept); pick 1..{n - cfg.skip_last - 1}")
     sims = block_redundancy(model, samples, progress)
     order = sorted(range(n - cfg.skip_last), key=lambda i: -sims[i])
-    drop = sorted(order[: cfg.num_blocks])
+    drop = sorted(order[:k])
     drop_blocks(model, drop)
     return {"dropped": drop, "similarity": sims}
