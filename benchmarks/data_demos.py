@@ -7,7 +7,7 @@ For each test record, k demonstrations are chosen from the training pool (leanlm
 `knn` = cosine similarity of mean hidden states of the prompts, `random` = a seeded sample per record,
 `fixed` = the pool's first k for every record) and put before the question as earlier chat turns
 (`few_shot_messages`); the untuned default model then ranks the record's four choices by
-log-likelihood (the same scoring as data_ifd.py, lm-eval's "acc"). Zero-shot is the baseline.
+log-likelihood (data_ifd.py's `choice_accuracy`, lm-eval's "acc"). Zero-shot is the baseline.
 """
 from __future__ import annotations
 
@@ -19,31 +19,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def few_shot_accuracy(model, tok, records, demos_for) -> dict:
-    """Accuracy (overall and by kind) when record i is asked after the demonstrations demos_for(i)."""
-    from leanlm.data.demos import few_shot_messages
-    from leanlm.eval.tasks import loglikelihood_tokens
-
-    reqs, owner = [], []
-    for k, r in enumerate(records):
-        msgs = few_shot_messages(demos_for(k), r["prompt"])
-        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True)
-        ctx = list(tok.encode(prompt, add_special=False))
-        for c in r["choices"]:
-            full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": c}], add_generation_prompt=False)
-            reqs.append((ctx, list(tok.encode(full[len(prompt):], add_special=False))))
-            owner.append(k)
-    lls = loglikelihood_tokens(model, reqs, batch_size=8)
-    per = [[] for _ in records]
-    for k, (ll, _) in zip(owner, lls):
-        per[k].append(ll)
-    right = [max(range(len(p)), key=p.__getitem__) == 0 for p in per]  # the answer is choice 0
-    by = {}
-    for r, ok in zip(records, right):
-        by.setdefault(r["kind"], []).append(ok)
-    return {"acc": sum(right) / len(right), **{f"acc_{k}": sum(v) / len(v) for k, v in sorted(by.items())}}
 
 
 def main():
@@ -58,7 +33,7 @@ def main():
 
     torch.set_num_threads(a.threads)
     import leanlm
-    from data_ifd import mixed_set
+    from data_ifd import choice_accuracy, mixed_set
     from leanlm.data.demos import DemoSelector
 
     pool = mixed_set("train", a.pool)
@@ -79,7 +54,7 @@ def main():
         same_kind = (sum(d["kind"] == r["kind"] for ds, r in zip(chosen, test) for d in ds)
                      / max(1, sum(len(ds) for ds in chosen)))
         t0 = time.perf_counter()
-        acc = few_shot_accuracy(model, tok, test, lambda i: chosen[i])
+        acc = choice_accuracy(model, tok, test, lambda i: chosen[i], batch_size=8)
         rows.append({"strategy": strategy, "k": 0 if strategy == "zero-shot" else a.k, **acc,
                      "demos_of_same_kind": round(same_kind, 3), "select_s": round(select_s, 2),
                      "score_s": round(time.perf_counter() - t0, 1)})

@@ -121,13 +121,15 @@ def mixed_set(split: str, n: int) -> list[dict]:
     return out
 
 
-def choice_accuracy(model, tok, records) -> dict:
-    """Share of records whose answer has the highest log-likelihood of its four choices, overall and by kind."""
+def choice_accuracy(model, tok, records, demos_for=None, batch_size: int = 16) -> dict:
+    """Share of records whose answer has the highest log-likelihood of its four choices, overall and by kind.
+    demos_for(i): demonstrations (prompt + completion records) asked and answered before record i."""
+    from leanlm.data.demos import few_shot_messages
     from leanlm.eval.tasks import loglikelihood_tokens
 
     reqs, owner = [], []
     for k, r in enumerate(records):
-        msgs = [{"role": "user", "content": r["prompt"]}]
+        msgs = few_shot_messages(demos_for(k) if demos_for else [], r["prompt"])
         prompt = tok.apply_chat_template(msgs, add_generation_prompt=True)
         ctx = list(tok.encode(prompt, add_special=False))
         for c in r["choices"]:
@@ -136,7 +138,7 @@ def choice_accuracy(model, tok, records) -> dict:
             owner.append(k)
     was = model.training
     model.eval()
-    lls = loglikelihood_tokens(model, reqs, batch_size=16)
+    lls = loglikelihood_tokens(model, reqs, batch_size=batch_size)
     model.train(was)
     per = [[] for _ in records]
     for k, (ll, _) in zip(owner, lls):

@@ -31,7 +31,7 @@ import torch
 from leanlm.errors import LeanLMError
 from leanlm.infer.paged import OutOfBlocks, PagedKVCache
 from leanlm.infer.sampling import sample_probs
-from leanlm.infer.speculative import PromptLookup, accept_reject, default_skip_layers, skip_layers_view
+from leanlm.infer.speculative import PromptLookup, accept_greedy, accept_reject, default_skip_layers, skip_layers_view
 
 METHODS = ("draft", "prompt_lookup", "layer_skip")
 MAX_K = 32
@@ -250,13 +250,7 @@ class Speculator:
         st, p = seq.spec, seq.params
         drafts = st.drafts
         if p.temperature <= 0:
-            best = logits.argmax(-1).tolist()
-            new = []
-            for i, x in enumerate(drafts):
-                if x != best[i]:
-                    break
-                new.append(x)
-            new.append(best[len(new)])
+            new = accept_greedy(logits, drafts)
         else:
             new = accept_reject(sample_probs(logits, p.sampling_config()), st.q, drafts, seq.generator)
         a = len(new) - 1

@@ -185,6 +185,19 @@ class PromptLookup:
         return [], None
 
 
+def accept_greedy(logits: torch.Tensor, drafts: list[int]) -> list[int]:
+    """Greedy verification: the drafts while they equal the target's argmax, then the target's own token
+    (logits [len(drafts) + 1, V]), so the output is exactly the target's greedy output."""
+    best = logits.argmax(-1).tolist()
+    new = []
+    for i, x in enumerate(drafts):
+        if x != best[i]:
+            break
+        new.append(x)
+    new.append(best[len(new)])
+    return new
+
+
 def accept_reject(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int], gen) -> list[int]:
     """The speculative sampling rule. p [k+1, V] target probs, q [k, V] draft probs (None: the draft
     was deterministic, q is one-hot). Returns the accepted drafts plus one token from the target."""
@@ -264,13 +277,7 @@ def generate_speculative(model, prompt_ids: list[int], cfg: GenerationConfig | N
         drafts = drafts[:k]
         logits = target.logits_after(ids, drafts)  # [len(drafts)+1, V]
         if cfg.greedy:
-            best = logits.argmax(-1).tolist()
-            new = []
-            for i, x in enumerate(drafts):
-                if x != best[i]:
-                    break
-                new.append(x)
-            new.append(best[len(new)])
+            new = accept_greedy(logits, drafts)
         else:
             p = sample_probs(logits, cfg)
             new = accept_reject(p, q, drafts, gen)
