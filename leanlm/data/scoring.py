@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from leanlm.model.surgery import model_device
+
 
 def encode(tokenizer, text: str, bos: bool = True) -> list[int]:
     """Token ids of a text without special tokens, with the tokenizer's BOS in front when it uses one
@@ -45,12 +47,6 @@ def _batches(seqs, batch_size):
         yield idx, ids
 
 
-def _device(model):
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @torch.inference_mode()
 def token_losses(model, seqs: list[list[int]], batch_size: int = 8) -> list[torch.Tensor]:
     """For each sequence, the NLL (nats) of tokens 1..n-1 given the tokens before: a float tensor [n-1]."""
@@ -59,7 +55,7 @@ def token_losses(model, seqs: list[list[int]], batch_size: int = 8) -> list[torc
         if len(s) < 2:
             out[i] = torch.zeros(0)
     todo = [i for i in range(len(seqs)) if out[i] is None]
-    dev = _device(model)
+    dev = model_device(model)
     for idx, ids in _batches([seqs[i] for i in todo], batch_size):
         logits = model(ids.to(dev)).float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(dev), reduction="none").cpu()
@@ -73,7 +69,7 @@ def mean_hidden(model, seqs: list[list[int]], batch_size: int = 8) -> torch.Tens
     """The mean over positions of the final (normed) hidden state of each sequence: [n, hidden]."""
     if any(len(s) == 0 for s in seqs):
         raise ValueError("mean_hidden needs non-empty sequences")
-    dev = _device(model)
+    dev = model_device(model)
     out = None
     for idx, ids in _batches(seqs, batch_size):
         h = model(ids.to(dev), return_hidden=True).float().cpu()

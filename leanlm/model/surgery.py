@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.nn as nn
 
 
@@ -34,3 +35,9 @@ def select_modules(model: nn.Module, targets: list[str], ignore: list[str] = (),
         if any(re.search(t, name) for t in targets) and not any(re.search(i, name) for i in ignore):
             out.append(name)
     return out
+
+
+def model_device(model) -> torch.device:
+    """Where the model's parameters live (inputs are moved there); the CPU for a model with none."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")

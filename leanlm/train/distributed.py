@@ -95,7 +95,7 @@ def _comm_device() -> torch.device:
 
 
 def sum_over_ranks(x: float) -> float:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return x
     t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
@@ -103,16 +103,12 @@ def sum_over_ranks(x: float) -> float:
 
 
 def mean_over_ranks(x: float) -> float:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    return sum_over_ranks(x) / world_size()
 
 
 def from_every_rank(x: float) -> list[float]:
     """x from each rank, in rank order ([x] on one process)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return [x]
     dev = _comm_device()
     out = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(dist.get_world_size())]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
 from leanlm.model.layout import blocks
+from leanlm.model.surgery import model_device
 from leanlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlm.train.optim import MeZO, lr_at, make_optimizer
 
@@ -98,12 +99,6 @@ def micro_batch(data: list[dict], position: int, batch_size: int, seed: int, ran
     epoch, k = divmod(position, per_epoch)
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return [data[int(i)] for i in perm[k * batch_size:(k + 1) * batch_size][rank::world]]
-
-
-def model_device(model) -> torch.device:
-    """Where the model's parameters live (batches are moved there; cpu for a model with none)."""
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _world() -> tuple[int, int]:
