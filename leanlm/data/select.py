@@ -17,8 +17,8 @@
   the instruction helps little, the example is hard. Records with IFD >= 1 (the instruction does not
   help at all) are dropped as the paper does; the rest are taken from the highest IFD down. With
   `clusters` K > 0 the records are first grouped by k-means (K groups, k-center seeds) on the model's
-  mean hidden state of each record's text (instruction and answer), and the picks go round the groups, each giving its highest
-  remaining IFD: on a pool that mixes kinds of task, plain IFD ranks the kinds (the hard kind fills the
+  mean hidden state of each record's text (instruction and answer), and the picks go round the groups,
+  each giving its highest remaining IFD: on a pool that mixes kinds of task, plain IFD ranks the kinds (the hard kind fills the
   budget), while IFD within clusters ranks the examples of every kind (docs/bench/data.md).
 - length: the longest records first (words of the answer for instruction records, else of the text).
 - diversity: greedy k-center on the model's mean final hidden state of each record (L2 on unit
@@ -151,9 +151,9 @@ def kmeans(emb: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
     x = torch.nn.functional.normalize(emb.float(), dim=-1)
     centers = x[k_center(x, k)].clone()
     labels = torch.zeros(len(x), dtype=torch.long)
-    for _ in range(iters):
+    for step in range(iters):
         new = torch.cdist(x, centers).argmin(1)
-        if _ and torch.equal(new, labels):
+        if step and torch.equal(new, labels):  # assignments settled
             break
         labels = new
         for c in range(len(centers)):
