@@ -122,3 +122,18 @@ def test_distill_cli_on_policy_ends_samples_at_the_tokenizers_eos(tmp_path, caps
     _, tok = leanlm.load(pair[1])
     assert tok.eos_ids and seen == [(5, 7, list(tok.eos_ids), tok.pad_id or 0)] * 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+
+
+def test_distill_cli_topk_cache_is_built_once_then_read(tmp_path, capsys, pair):
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat. " * 200)
+    args = ["distill", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "-o",
+            str(tmp_path / "o"), "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--topk", "8", "--no-eval",
+            "--json"]
+    runs = []
+    for _ in range(2):
+        assert main(args) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert [r["topk_cache"] for r in runs] == ["built", "read"]
+    size = (tmp_path / "o" / "teacher-topk.safetensors").stat().st_size
+    assert runs[1]["topk_cache_mb"] == round(size / 2**20, 2) > 0

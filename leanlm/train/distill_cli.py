@@ -274,11 +274,13 @@ def run(args) -> int:
         raise LeanLMError("under torchrun, distill trains float students without pruning masks; pruned, "
                           "quantized or ternary students train on one process")
     distributed.shard(student, bf16=args.bf16 and world > 1)
+    topk_file = out / "teacher-topk.safetensors"
+    topk_before = topk_file.stat().st_mtime_ns if args.topk and topk_file.is_file() else None
     t0 = time.perf_counter()
     try:
         res = distill(student, teacher, data, cfg, out_dir=str(out), resume=args.resume, save_every=args.save_every,
                       progress=not (args.no_progress or args.json), pad_id=s_tok.pad_id or 0,
-                      cache=str(out / "teacher-topk.safetensors") if args.topk else None,
+                      cache=str(topk_file) if args.topk else None,
                       teacher_name=str(args.teacher),
                       eos_ids=getattr(s_tok, "eos_ids", None) or student.config.eos_token_id or ())
     finally:
@@ -297,6 +299,10 @@ def run(args) -> int:
               "last_loss": res.losses[-1] if res.losses else None, **before}
     if generated_from_cache is not None:
         result["generated_from_cache"] = generated_from_cache
+    if args.topk:  # the cache file was there and left as it was: this run read it instead of running the teacher
+        read = topk_before is not None and topk_file.stat().st_mtime_ns == topk_before
+        result["topk_cache"] = "read" if read else "built"
+        result["topk_cache_mb"] = round(topk_file.stat().st_size / 2**20, 2)
     if after is not None:
         result["student_ppl_after"] = after
     result["output"] = str(out / "model")
