@@ -2,7 +2,8 @@
 teacher (`--topk`, built once, then a second run that reads the cache), sequence-level KD (`--seqkd`) and
 on-policy GKD (`--lmbda`), same student, data, steps and settings.
 
-    python3 benchmarks/distill_signals.py --student /tmp/rtn3 --work /tmp/signals --steps 5 --parallel 3
+    python3 benchmarks/distill_signals.py --student /tmp/rtn3 --data calib.txt --work /tmp/signals --steps 5 \
+        --parallel 3
 
 Each job is one `python3 -m leanlm distill` process; up to --parallel run at once (the cache-reading top-k
 run starts only after the run that builds the cache has finished). Per job: the CLI's JSON (perplexity of
@@ -27,16 +28,17 @@ JOBS = {  # name -> extra arguments
     "online fkl": [],
     "top-k 64 (builds cache)": ["--topk", "64"],
     "top-k 64 (reads cache)": ["--topk", "64"],
-    "seqkd 16 x 64 tokens": ["--seqkd", "16", "--seqkd-tokens", "64"],
+    "seqkd 8 x 64 tokens": ["--seqkd", "8", "--seqkd-tokens", "64"],
     "on-policy lmbda 1": ["--lmbda", "1"],
 }
 OUT = {"online fkl": "fkl", "top-k 64 (builds cache)": "topk", "top-k 64 (reads cache)": "topk",
-       "seqkd 16 x 64 tokens": "seqkd", "on-policy lmbda 1": "lmbda"}
+       "seqkd 8 x 64 tokens": "seqkd", "on-policy lmbda 1": "lmbda"}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", required=True, help="compressed student folder (e.g. leanlm compress output)")
+    p.add_argument("--data", default="packaged:calib", help="training text (leanlm distill --data)")
     p.add_argument("--work", default="/tmp/leanlm-signals")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=2)
@@ -49,7 +51,7 @@ def main() -> int:
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "leanlm", "distill", "--student", a.student, "--steps", str(a.steps),
+    base = [sys.executable, "-m", "leanlm", "distill", "--student", a.student, "--data", a.data, "--steps", str(a.steps),
             "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--warmup", str(a.warmup),
             "--eval-chars", str(a.eval_chars), "--threads", str(a.threads), "--seed", "0", "--no-progress", "--json"]
     queue = [j for j in a.jobs.split(",") if j]
