@@ -267,8 +267,12 @@ def compare(args) -> int:
     if short:
         print(f"note: {len(short)} runs generated other than {expected} tokens (see 'completion tokens')",
               file=sys.stderr)
+    os.environ.setdefault("COLUMNS", "160")  # rich's width when stdout is not a terminal: room for every column
+    cols = ["precision", "concurrent", "server", "tokens/s", "p50 s", "p99 s", "completion tokens", "prompt tokens",
+            "server CPU s", "tokens per CPU s", "leanlm / llama.cpp", "CPU time ratio"]
     print_table(f"leanlm serve vs llama-server: {args.requests} requests x {args.new_tokens} tokens, "
-                f"{args.threads} threads, {slots} slots", res["rows"])
+                f"{args.threads} threads, {slots} slots", res["rows"],
+                cols + (["mean TTFT s"] if args.stream else []))
     if args.json:
         emit_json(res)
     return 0
