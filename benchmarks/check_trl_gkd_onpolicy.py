@@ -27,14 +27,14 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-import trl  # noqa: E402
-from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
+import torch
+import transformers
+import trl
+from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-import leanlm  # noqa: E402
-from leanlm.train.distill import DistillConfig, student_samples  # noqa: E402
-from leanlm.train.losses import distill_loss_fn  # noqa: E402
+import leanlm
+from leanlm.train.distill import DistillConfig, student_samples
+from leanlm.train.losses import distill_loss_fn
 
 EOS, PAD, V = 2, 2, 128
 

@@ -51,7 +51,8 @@ def main() -> int:
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "leanlm", "distill", "--student", a.student, "--data", a.data, "--steps", str(a.steps),
+    base = [sys.executable, "-m", "leanlm", "distill", "--student", a.student, "--data", a.data,
+            "--steps", str(a.steps),
             "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--warmup", str(a.warmup),
             "--eval-chars", str(a.eval_chars), "--threads", str(a.threads), "--seed", "0", "--no-progress", "--json"]
     queue = [j for j in a.jobs.split(",") if j]
@@ -66,11 +67,12 @@ def main() -> int:
             if j == "top-k 64 (reads cache)" and "top-k 64 (builds cache)" in queue + list(running.values()):
                 continue
             cmd = base + JOBS[j] + ["-o", str(work / OUT[j])]
-            log = open(work / f"{OUT[j]}{'-reuse' if 'reads' in j else ''}.out", "w")
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            log = work / f"{OUT[j]}{'-reuse' if 'reads' in j else ''}.out"
+            with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
             running[proc.pid] = j
             results[j] = {"cmd": " ".join(cmd[1:]), "start": time.time(), "load_start": os.getloadavg()[0],
-                          "log": log.name}
+                          "log": str(log)}
             queue.remove(j)
         pid, status, ru = os.wait4(-1, 0)
         j = running.pop(pid)

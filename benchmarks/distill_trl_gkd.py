@@ -1,7 +1,8 @@
 """TRL's GKDTrainer and `leanlm distill` side by side: same teacher, student, text, order, steps and loss.
 
     python3 benchmarks/distill_trl_gkd.py --trl-python /work/venvs/trl/bin/python --work /tmp/gkd \
-        --steps 8 --batch 2 --seq-len 128 --lr 1e-4 --threads 1 --eval-chars 6000 [--parallel] [--lmbda-row 1]
+        --steps 8 --batch 2 --seq-len 128 --lr 1e-4 --threads 1 --eval-chars 6000 [--parallel] \
+        [--lmbda-row 1 [--only-on-policy]]
 
 TRL is not a leanlm dependency: it runs in a venv of its own (`python3 -m venv --system-site-packages
 /work/venvs/trl && /work/venvs/trl/bin/pip install trl==1.16.0`), as a subprocess. One run does, in order:

@@ -87,7 +87,7 @@ def student_samples(model, ids: torch.Tensor, prompt_len: int, new_tokens: int, 
     model.eval()
     prompt = ids[:, :prompt_len]
     B, P = prompt.shape
-    eos = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long)
+    eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long)
     done = torch.zeros(B, 1, dtype=torch.bool)
     cache = model.new_cache(B, P + new_tokens)
     logits = model(prompt, cache=cache, last_only=True)[:, -1]
