@@ -238,7 +238,8 @@ def set_matvec_layout(p: nn.Parameter, column_major: bool) -> None:
     optimizers keep it), the same values; one copy made, the old storage freed."""
     if p.is_meta or is_column_major(p) == column_major:
         return
-    with torch.inference_mode(False), torch.no_grad():
+    # the new tensor of the parameter's own kind (an inference tensor only if the model was built in inference mode)
+    with torch.inference_mode(p.is_inference()), torch.no_grad():
         p.data = p.data.t().contiguous().t() if column_major else p.data.contiguous()
 
 
@@ -552,9 +553,9 @@ class Transformer(nn.Module):
                 rec = m.__dict__.get(name)
                 if rec is not None and isinstance(rec[0], _FusedLinear) and not rec[0].w.is_contiguous():
                     del m.__dict__[name]
-        with torch.inference_mode(False), torch.no_grad():
-            for p in self.parameters():
-                if p.dim() == 2 and not p.is_contiguous() and not p.is_meta:
+        for p in self.parameters():
+            if p.dim() == 2 and not p.is_contiguous() and not p.is_meta:
+                with torch.inference_mode(p.is_inference()), torch.no_grad():
                     p.data = p.data.contiguous()
         return self
 
