@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import greedy_reference, tiny_hf, to_leanlm
+
 from leanlm.infer.generate import generate_tokens
 from leanlm.infer.sampling import GenerationConfig
 from leanlm.model.layout import HEAD, blocks, embedding, head, layout_of
@@ -114,7 +114,9 @@ RECIPES = {
 def test_generate_compress_generate_equals_compressing_a_fresh_model(name):
     from leanlm.compress.recipe import apply_recipe, load_recipe, parse_recipe
 
-    recipe = lambda: load_recipe(name) if RECIPES[name] is None else parse_recipe(RECIPES[name])  # noqa: E731
+    def recipe():
+        return load_recipe(name) if RECIPES[name] is None else parse_recipe(RECIPES[name])
+
     fresh = _tied("llama", True)
     used = copy.deepcopy(fresh)
     _greedy(used)  # fused, wide weights column-major
@@ -165,9 +167,9 @@ def test_plain_layout_then_dora_after_generation():
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_after_generation_writes_the_weights(tmp_path, tied):
     from safetensors.torch import load_file
+    from test_gguf_export import NV, _tok
 
     from leanlm.io.checkpoint import load_hf_folder, save_hf_folder
-    from test_gguf_export import NV, _tok
 
     m = to_leanlm(tiny_hf("llama", vocab_size=NV, tie_word_embeddings=tied))
     want = {k: v.clone() for k, v in m.state_dict().items()}
@@ -187,9 +189,9 @@ def test_save_after_generation_writes_the_weights(tmp_path, tied):
 def test_gguf_export_after_generation_equals_export_before(tmp_path):
     import numpy as np
     from gguf import GGUFReader
+    from test_gguf_export import NV, _tok
 
     from leanlm.io.gguf_export import export_gguf
-    from test_gguf_export import NV, _tok
 
     m = to_leanlm(tiny_hf("llama", vocab_size=NV, tie_word_embeddings=True))
     tok = _tok(tmp_path)
