@@ -116,3 +116,20 @@ def test_e8_suffix_adds_an_int8_embedding_and_tied_head():
     # the int8 table changes the 4-bit model's logits only by int8 rounding of the embedding rows
     assert ((plain - ref).norm() / ref.norm()) < 5e-2  # (2.4% on this random model)
     assert not torch.equal(plain, ref)
+
+
+def test_engine_serves_a_model_with_the_int8_tied_head():
+    """The tied int8 head has no weight of its own: the engine must still place its KV pool and decode
+    the same greedy tokens as a full recompute of the same quantized model."""
+    from conftest import greedy_reference, tiny_hf, to_leanlm
+    from leanlm.compress.quant.embedding import TiedInt8Head
+    from leanlm.infer.engine import Engine, SamplingParams
+
+    model = to_leanlm(tiny_hf("llama", tie_word_embeddings=True)).eval()
+    apply_recipe(model, load_recipe("w4a16-rtn-g32-e8"), progress=False)
+    assert isinstance(model.lm_head, TiedInt8Head)
+    prompts = [[1, 5, 9, 17, 33], [2, 40, 7]]
+    with torch.no_grad():
+        want = [greedy_reference(model, p, 6) for p in prompts]
+    got = Engine(model).generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert got == want

@@ -34,8 +34,8 @@ import torch
 
 MIN_BUCKET = 256
 # compile=None (auto) decodes eagerly unless the step for this shape is already compiled in this process: on
-# 2 CPU cores compiling the default model's step takes minutes, and no measurement yet shows the compiled
-# step paying that back, so compiling is opt-in (--compile) until one does.
+# 2 CPU cores compiling the default model's step takes ~48 s (8-10 s from the on-disk cache) and pays that
+# back only after 800-10,000 tokens (docs/bench/decode.md), so compiling is opt-in (--compile).
 DISABLE_ENV = "LEANLM_NO_COMPILE"  # any non-empty value other than "0": decode eagerly (like --no-compile)
 
 

@@ -126,6 +126,7 @@ class Engine:
                  layer_skip: bool | list[int] | None = None, compile: bool = False):
         from leanlm.infer.generate import fuse_for_inference
         from leanlm.model.layout import HEAD, base_model, embedding
+        from leanlm.model.surgery import model_device
 
         cfg = model.config
         fuse_for_inference(model)  # one matmul for q/k/v and for gate/up, as plain generation does
@@ -154,7 +155,7 @@ class Engine:
             w = max(windows)  # every local group gets this pool size: the widest window must fit
             per_seq = min(-(-self.max_model_len // block_size), -(-(w - 1 + max_batch_tokens) // block_size) + 1)
             local_blocks = min(num_blocks, max(per_seq, max_num_seqs * per_seq))
-        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=model.dtype, device=self.head.weight.device,
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=model.dtype, device=model_device(model),
                                   local_blocks=local_blocks, trim_windows=trim_windows, attention=attention)
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.prefix_caching = prefix_caching

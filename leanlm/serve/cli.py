@@ -15,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the folder name)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-batch-tokens", type=int, default=256, help="token budget of one engine step")
@@ -179,6 +180,12 @@ def run(args) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LeanLMError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tok = leanlm.load(args.model, dtype=args.dtype, adapter=args.adapter)
     model.eval()
     draft = None
