@@ -1,4 +1,5 @@
-"""Piecewise compiled engine steps (vLLM's piecewise compilation, in plain torch.compile).
+"""Piecewise compiled engine steps (vLLM's piecewise compilation, in plain torch.compile). Opt-in: on the
+2-core CPU it measured no faster than the eager step (docs/bench/serving.md, section 9).
 
 An engine step packs a changing number of tokens (decodes, prefill chunks, speculative checks) and its
 attention reads the paged pool through block tables planned in Python at every step: no static graph
@@ -8,10 +9,10 @@ in leanlm/model/transformer.py) and only the two outer pieces are compiled:
   * before attention: input norm, the fused q/k/v matmul, q/k norms, RoPE;
   * after attention: the output projection, norms, residual adds, the MLP (SwiGLU/GeGLU fused).
 
-Both run on the step's tokens flattened to one row [1, N, hidden] with N dynamic (`mark_dynamic`), so one
-graph per piece serves every step size, and the block is an argument: with dynamo's inlining of
-nn.Modules (torch's default) its parameters are graph inputs, so the same graph serves every layer
-of the same shape. Attention over the blocks (`PagedKVCache.attend`) runs eagerly between them. The
+Both run on the step's tokens flattened to one row [1, N, hidden] with N unbacked (`mark_unbacked`:
+not specialised at 1 either), so one graph per piece serves every step size; and the block is an
+argument: with dynamo's inlining of nn.Modules (torch's default) its parameters are graph inputs,
+so the same graph serves every layer of the same shape. Attention over the blocks (`PagedKVCache.attend`) runs eagerly between them. The
 embedding, RoPE lookup, final norm and head stay eager (a few ops per step, not per layer).
 
 Eager is the reference and the fallback: a compile that fails is retried once on an emptied cache
@@ -65,6 +66,8 @@ def _unflat(t: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 
 def _dynamic(t: torch.Tensor, dim: int) -> None:
+    """The step size: symbolic from the first call on and never specialised (mark_dynamic would give N = 1
+    a graph of its own)."""
     torch._dynamo.decorators.mark_unbacked(t, dim)
 
 
@@ -127,7 +130,6 @@ class PiecewiseForward:
         if model.rope_local is not None:
             local = model.rope_local.lookup(positions, max_pos, x.dtype)
         x = x.reshape(1, B * T, hidden)
-        # one graph for every step size: N is dynamic from the first call on (no recompile at the second size)
         _dynamic(x, 1)
         for t in (cos, sin, *local):
             _dynamic(t, 2)
