@@ -1,7 +1,8 @@
 """TRL's GKDTrainer and `leanlm distill` side by side: same teacher, student, text, order, steps and loss.
 
     python3 benchmarks/distill_trl_gkd.py --trl-python /work/venvs/trl/bin/python --work /tmp/gkd \
-        --steps 8 --batch 2 --seq-len 128 --lr 1e-4 --threads 1 --eval-chars 6000 [--parallel] [--lmbda-row 1]
+        --steps 8 --batch 2 --seq-len 128 --lr 1e-4 --threads 1 --eval-chars 6000 [--parallel] \
+        [--lmbda-row 1 [--only-on-policy]]
 
 TRL is not a leanlm dependency: it runs in a venv of its own (`python3 -m venv --system-site-packages
 /work/venvs/trl && /work/venvs/trl/bin/pip install trl==1.16.0`), as a subprocess. One run does, in order:
@@ -155,7 +156,13 @@ def job_trl(a) -> dict:
                 "labels": torch.tensor([b["labels"] for b in batch]),
                 "prompts": prompts, "prompt_attention_mask": torch.ones_like(prompts)}
 
-    ends, cpu, losses, lrs = [], [], [], []
+    ends, cpu, losses, lrs, counts = [], [], [], [], []
+
+    class Counted(GKDTrainer):  # records, per step, the positions scored and the count the loss is divided by
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            counts.append((int((inputs["labels"][:, 1:] != -100).sum()),
+                           None if num_items_in_batch is None else int(num_items_in_batch)))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -178,7 +185,7 @@ def job_trl(a) -> dict:
         max_new_tokens=a.new_tokens, max_length=a.seq_len, use_cpu=True, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
         train_sampling_strategy="sequential", seed=a.seed)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, data_collator=collate, train_dataset=ds,
+    trainer = Counted(model=student, teacher_model=teacher, args=cfg, data_collator=collate, train_dataset=ds,
                          processing_class=tok, callbacks=[Clock()])
     t0 = time.perf_counter()
     trainer.train()
@@ -190,6 +197,9 @@ def job_trl(a) -> dict:
             "s_per_step": (ends[-1] - ends[0]) / max(1, len(ends) - 1),
             "cpu_s_per_step": (cpu[-1] - cpu[0]) / max(1, len(cpu) - 1), "peak_rss_mb": peak,
             "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "scored": [c[0] for c in counts], "divided_by": [c[1] for c in counts],
+            # the same losses as means over the positions scored (what leanlm reports)
+            "losses_per_scored": [x * (d or n) / max(1, n) for x, (n, d) in zip(losses, counts)],
             "output": str(out)}
 
 
@@ -239,7 +249,8 @@ def stage(py: str, mode: str, a, extra: list[str] = ()):
 def run(a) -> int:
     Path(a.work).mkdir(parents=True, exist_ok=True)
     res = {"settings": {k: getattr(a, k) for k in ("steps", "batch", "seq_len", "lr", "threads", "seed",
-                                                  "eval_chars", "student_recipe", "lmbda_row", "parallel")}}
+                                                  "eval_chars", "student_recipe", "lmbda_row", "parallel",
+                                                  "only_on_policy")}}
     chk = subprocess.Popen([a.trl_python, str(ROOT / "benchmarks" / "check_trl_jsd.py")], stdout=subprocess.PIPE,
                            text=True, env=dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1"))
     prep = stage(sys.executable, "prepare", a, ["--student-recipe", a.student_recipe,
@@ -249,7 +260,9 @@ def run(a) -> int:
     if chk.returncode:
         raise SystemExit(f"the two losses disagree on the same logits: {res['check']}")
     models = ["--teacher", prep["teacher"], "--student", prep["student"]]
-    jobs = [("leanlm", sys.executable, []), ("trl", a.trl_python, [])]
+    if a.only_on_policy and not a.lmbda_row:
+        raise SystemExit("--only-on-policy needs --lmbda-row")
+    jobs = [] if a.only_on_policy else [("leanlm", sys.executable, []), ("trl", a.trl_python, [])]
     if a.lmbda_row:  # on-policy: both sample --new-tokens after --prompt-tokens of each row, at temperature 1
         x = ["--lmbda", str(a.lmbda_row), "--new-tokens", str(a.new_tokens), "--prompt-tokens", str(a.prompt_tokens)]
         jobs += [("leanlm_on_policy", sys.executable, x), ("trl_on_policy", a.trl_python, x)]
@@ -275,9 +288,10 @@ def run(a) -> int:
     res["ppl_before"] = ppl[prep["student"]]
     for r in rows:
         r["ppl_after"] = ppl[r["output"]]
-    lr_diff = max(abs(x - y) / y for x, y in zip(res["leanlm"]["lrs"], res["trl"]["lrs"]))
+    lean, trl_ = rows[0], rows[1]  # the first (leanlm, TRL) pair
+    lr_diff = max(abs(x - y) / y for x, y in zip(lean["lrs"], trl_["lrs"]))
     res["max_lr_rel_diff"] = lr_diff
-    res["first_loss_diff"] = abs(res["leanlm"]["losses"][0] - res["trl"]["losses"][0])
+    res["first_loss_diff"] = abs(lean["losses"][0] - trl_["losses"][0])
     print("| trainer | steps | ppl before | ppl after | s/step | CPU s/step | peak RSS MB | first loss | last loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -289,6 +303,11 @@ def run(a) -> int:
         print(f"| leanlm / TRL (lmbda {ln['lmbda']}) | | | {ln['ppl_after'] / tr['ppl_after']:.3f} | "
               f"{ln['s_per_step'] / tr['s_per_step']:.3f} | {ln['cpu_s_per_step'] / tr['cpu_s_per_step']:.3f} | "
               f"{ln['peak_rss_mb'] / tr['peak_rss_mb']:.3f} | | |")
+    for r in rows:
+        if r["trainer"] == "trl" and r["lmbda"]:
+            print(f"TRL (lmbda {r['lmbda']}): positions scored per step {r['scored']}, loss divided by "
+                  f"{r['divided_by']}; its losses as means over the positions scored: "
+                  + ", ".join(f"{x:.4f}" for x in r["losses_per_scored"]))
     print(f"largest relative difference of the per-step learning rates: {lr_diff:.2e}; "
           f"first-step loss difference: {res['first_loss_diff']:.2e}")
     if a.out:
@@ -314,6 +333,7 @@ def main() -> int:
     p.add_argument("--lmbda-row", type=float, default=0.0,
                    help="also run TRL on-policy with this lmbda (HF generate samples from the student)")
     p.add_argument("--lmbda", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--only-on-policy", action="store_true", help="with --lmbda-row: skip the lmbda 0 pair")
     p.add_argument("--new-tokens", type=int, default=64, help="on-policy row: tokens the student samples")
     p.add_argument("--prompt-tokens", type=int, default=16, help="on-policy row: prompt tokens kept from each row")
     p.add_argument("--teacher", default=None, help=argparse.SUPPRESS)

@@ -233,3 +233,66 @@ def test_student_samples_match_sampling_without_cache():
             seq = torch.cat([seq, nxt], 1)
     assert torch.equal(got, seq)
     assert (labels[:, :4] == -100).all() and torch.equal(labels[:, 4:], seq[:, 4:])
+
+
+def _trl_completion_mask(completion: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """TRL 1.16 GKDTrainer.generate_on_policy_outputs' mask, written out: every position up to and including
+    each row's first end-of-sequence token (the whole row where there is none)."""
+    is_eos = torch.isin(completion, torch.tensor(eos))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((completion.shape[0],), completion.shape[1]))
+    return torch.arange(completion.shape[1])[None] <= first[:, None]
+
+
+def test_student_samples_stop_scoring_after_end_of_sequence():
+    from leanlm.train.distill import student_samples
+
+    model = to_leanlm(tiny_hf(seed=0))
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    free, _ = student_samples(model, ids, 4, 12)
+    eos = [int(free[0, 6]), int(free[2, 9])]  # row 0 ends at its 3rd sampled token, row 2 at its 6th or before
+    torch.manual_seed(7)
+    got, labels = student_samples(model, ids, 4, 12, eos_ids=eos, pad_id=99)
+    keep = _trl_completion_mask(free[:, 4:], eos)
+    assert keep[0].sum() == 3 and not keep.all()
+    W = got.shape[1] - 4  # sampling stops once every row has ended
+    assert W == (int(keep.sum(1).max()) if keep.sum(1).max() < 12 else 12)
+    gen, lab = got[:, 4:], labels[:, 4:]
+    assert torch.equal(gen[keep[:, :W]], free[:, 4:4 + W][keep[:, :W]])  # same draws up to the end
+    assert (gen[~keep[:, :W]] == 99).all() and (lab[~keep[:, :W]] == -100).all()
+    assert torch.equal(lab[keep[:, :W]], gen[keep[:, :W]]) and (labels[:, :4] == -100).all()
+    torch.manual_seed(7)  # a token list covering the whole vocabulary ends every row at its first token
+    got, labels = student_samples(model, ids, 4, 12, eos_ids=range(128))
+    assert got.shape == (3, 5) and torch.equal(labels[:, 4], got[:, 4])
+
+
+def test_on_policy_loss_ignores_positions_after_end_of_sequence():
+    """The on-policy loss is the mean over the scored sampled tokens: equal to the loss of each row cut after
+    its end-of-sequence token, computed row by row, and blind to what follows that token."""
+    from leanlm.train.distill import on_policy_loss_fn, student_samples
+    from leanlm.train.losses import distill_loss_fn
+
+    teacher, student = to_leanlm(tiny_hf(seed=0)), to_leanlm(tiny_hf(seed=1))
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    cfg = DistillConfig(loss="jsd", on_policy=1.0, on_policy_prompt=4, on_policy_tokens=12)
+    base = distill_loss_fn(teacher, cfg.loss_config())
+
+    def draw(*eos):  # the wrapper draws its lambda coin first, then samples
+        torch.manual_seed(3)
+        torch.rand(())
+        return student_samples(student, ids, 4, 12, eos, 5)
+    eos = [int(draw()[0][1, 7])]
+    torch.manual_seed(3)
+    loss, n = on_policy_loss_fn(base, cfg, eos, pad_id=5)(student, ids, None)
+    got, labels = draw(*eos)
+    keep = labels[:, 1:] != -100
+    assert n == int(keep.sum()) < 3 * 12
+    total = 0.0
+    for b in range(3):
+        m = 4 + int((labels[b, 4:] != -100).sum())
+        row_loss, row_n = base(student, got[b:b + 1, :m], labels[b:b + 1, :m])
+        total += float(row_loss.detach()) * row_n
+    torch.testing.assert_close(float(loss), total / n, rtol=1e-5, atol=1e-7)
+    noisy = got.masked_fill(torch.cat([torch.zeros_like(keep[:, :1]), ~keep], 1) & (torch.arange(got.shape[1]) >= 4),
+                            17)
+    torch.testing.assert_close(float(base(student, noisy, labels)[0]), float(loss), rtol=1e-5, atol=1e-7)

@@ -102,3 +102,38 @@ def test_distill_cli_students_of_another_shape(tmp_path, capsys, monkeypatch, pa
         hf = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()
         with torch.no_grad():
             torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_distill_cli_on_policy_ends_samples_at_the_tokenizers_eos(tmp_path, capsys, monkeypatch, pair):
+    import leanlm.train.distill as distill_mod
+
+    seen = []
+    real = distill_mod.student_samples
+
+    def spy(model, ids, prompt_len, new_tokens, eos_ids=(), pad_id=0):
+        seen.append((prompt_len, new_tokens, list(eos_ids), pad_id))
+        return real(model, ids, prompt_len, new_tokens, eos_ids, pad_id)
+    monkeypatch.setattr(distill_mod, "student_samples", spy)
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat. " * 200)
+    assert main(["distill", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "-o",
+                 str(tmp_path / "o"), "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--loss", "jsd",
+                 "--lmbda", "1", "--lmbda-prompt", "5", "--lmbda-tokens", "7", "--no-eval", "--json"]) == 0
+    _, tok = leanlm.load(pair[1])
+    assert tok.eos_ids and seen == [(5, 7, list(tok.eos_ids), tok.pad_id or 0)] * 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+
+
+def test_distill_cli_topk_cache_is_built_once_then_read(tmp_path, capsys, pair):
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat. " * 200)
+    args = ["distill", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "-o",
+            str(tmp_path / "o"), "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--topk", "8", "--no-eval",
+            "--json"]
+    runs = []
+    for _ in range(2):
+        assert main(args) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert [r["topk_cache"] for r in runs] == ["built", "read"]
+    size = (tmp_path / "o" / "teacher-topk.safetensors").stat().st_size
+    assert runs[1]["topk_cache_mb"] == round(size / 2**20, 2) > 0

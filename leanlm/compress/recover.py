@@ -159,7 +159,8 @@ def distill_step(model, cfg: DistillStepConfig, modules, samples, original=None,
     try:
         if not any(p.requires_grad for p in model.parameters()):
             raise LeanLMError("the distill step found nothing to train (train_float and train_scales are off)")
-        distill(model, original, data, cfg, progress=cfg.progress, callback=callback)
+        distill(model, original, data, cfg, progress=cfg.progress, callback=callback,
+                eos_ids=original.config.eos_token_id or ())
     finally:
         undo()
         model.eval()

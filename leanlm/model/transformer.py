@@ -291,6 +291,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_plus_one)
 
     def forward(self, x, cos, sin, mask, cache):
+        q, k, v = self.qkv(x, cos, sin)
+        return self.out(self.core(q, k, v, mask, cache))
+
+    def qkv(self, x, cos, sin):
+        """Queries, keys and values [B, heads, T, head_dim] of x [B, T, hidden], RoPE applied."""
         B, T, _ = x.shape
         fused = fused_weight(self, "_qkv", (self.q_proj, self.k_proj, self.v_proj))
         if fused is not None and not hasattr(self, "q_norm"):
@@ -300,14 +305,20 @@ class Attention(nn.Module):
             qk = apply_rope(y[..., : nq + nk].view(B, T, self.nh + self.nkv, self.hd).transpose(1, 2), cos, sin)
             q, k = qk[:, : self.nh], qk[:, self.nh:]
             v = y[..., nq + nk:].view(B, T, self.nkv, self.hd).transpose(1, 2)
-        else:
-            q, k, v = self._qkv_unfused(x, cos, sin)
+            return q, k, v
+        return self._qkv_unfused(x, cos, sin)
+
+    def core(self, q, k, v, mask, cache):
+        """Attention proper (through the cache): the output [B, heads, T, head_dim]."""
         if cache is not None and getattr(cache, "blockwise", False):
-            y = cache.attend(self.layer, q, k, v, self.scale, self.softcap)  # reads K/V where they lie
-        else:
-            if cache is not None:
-                k, v = cache.update(self.layer, k, v)
-            y = attention(q, k, v, mask, self.scale, self.softcap)
+            return cache.attend(self.layer, q, k, v, self.scale, self.softcap)  # reads K/V where they lie
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        return attention(q, k, v, mask, self.scale, self.softcap)
+
+    def out(self, y):
+        """The output projection of the attention output y [B, heads, T, head_dim] -> [B, T, hidden]."""
+        B, _, T, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
     def _qkv_unfused(self, x, cos, sin):
@@ -376,13 +387,29 @@ class Block(nn.Module):
             cos, sin = cos[self.local], sin[self.local]
         if isinstance(mask, dict):
             mask = mask[self.window]
+        return self.after_attention(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+
+    # The block in three pieces (forward = attn_in, attn_core, attn_out): the engine's compiled path
+    # compiles the first and the last and runs attention over the paged cache eagerly between them.
+    def attn_in(self, x, cos, sin):
+        """Normed x's queries, keys and values [B, heads, T, head_dim] (cos/sin: this block's own)."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def attn_core(self, q, k, v, mask, cache):
+        return self.self_attn.core(q, k, v, mask, cache)
+
+    def attn_out(self, x, y):
+        """The block's output from its input x and the attention output y [B, heads, T, head_dim]."""
+        return self.after_attention(x, self.self_attn.out(y))
+
+    def after_attention(self, x, a):
+        """Everything after the attention branch's output a [B, T, hidden]: norms, residuals, the MLP."""
         gated = self.gated
         if self.post_norms:
-            a = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            a = self.post_attention_layernorm(a)
             x = x + (self.attn_gate * a if gated else a)
             m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
             return x + (self.mlp_gate * m if gated else m)
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + (self.attn_gate * a if gated else a)
         m = self.mlp(self.post_attention_layernorm(x))
         return x + (self.mlp_gate * m if gated else m)

@@ -75,33 +75,45 @@ def cached_loss_fn(cache: TopKCache, cfg: DistillLoss):
 
 
 @torch.no_grad()
-def student_samples(model, ids: torch.Tensor, prompt_len: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """On-policy data (GKD): each row's first prompt_len tokens, then new_tokens sampled from the student at
-    temperature 1 with its KV cache (draws from torch's global generator, so a resumed run draws the
-    same). Labels cover the sampled tokens only. The model is not fused for inference: it is training."""
+def student_samples(model, ids: torch.Tensor, prompt_len: int, new_tokens: int, eos_ids=(),
+                    pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy data (GKD): each row's first prompt_len tokens, then up to new_tokens sampled from the student
+    at temperature 1 with its KV cache (draws from torch's global generator, so a resumed run draws the
+    same). Labels cover the sampled tokens only, up to and including each row's first end-of-sequence token
+    (one of eos_ids): what follows it is pad_id with no label, and sampling stops once every row has ended
+    (TRL's GKDTrainer masks its generations the same way). The model is not fused for inference: it is
+    training."""
     was = model.training
     model.eval()
     prompt = ids[:, :prompt_len]
     B, P = prompt.shape
+    eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long)
+    done = torch.zeros(B, 1, dtype=torch.bool)
     cache = model.new_cache(B, P + new_tokens)
     logits = model(prompt, cache=cache, last_only=True)[:, -1]
-    out = []
-    for _ in range(new_tokens):
+    out, scored = [], []
+    for i in range(new_tokens):
         nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # a finished row only pads
         out.append(nxt)
+        scored.append(~done)
+        done = done | torch.isin(nxt, eos)
+        if bool(done.all()) or i == new_tokens - 1:
+            break
         logits = model(nxt, cache=cache)[:, -1]
     model.train(was)
     gen = torch.cat(out, 1)
-    labels = torch.cat([torch.full_like(prompt, -100), gen], 1)
+    labels = torch.cat([torch.full_like(prompt, -100), gen.masked_fill(~torch.cat(scored, 1), -100)], 1)
     return torch.cat([prompt, gen], 1), labels
 
 
-def on_policy_loss_fn(loss_fn, cfg: "DistillConfig"):
+def on_policy_loss_fn(loss_fn, cfg: "DistillConfig", eos_ids=(), pad_id: int = 0):
     """With probability lambda a batch is replaced by the student's own continuations of its prompts,
-    which the teacher then scores (GKD's on-policy mixture)."""
+    which the teacher then scores (GKD's on-policy mixture), each up to its first end-of-sequence token.
+    The loss is the mean over the sampled tokens scored."""
     def wrapped(model, ids, labels):
         if float(torch.rand(())) < cfg.on_policy:
-            ids, labels = student_samples(model, ids, cfg.on_policy_prompt, cfg.on_policy_tokens)
+            ids, labels = student_samples(model, ids, cfg.on_policy_prompt, cfg.on_policy_tokens, eos_ids, pad_id)
         return loss_fn(model, ids, labels)
     return wrapped
 
@@ -109,8 +121,9 @@ def on_policy_loss_fn(loss_fn, cfg: "DistillConfig"):
 def distill(student, teacher, data: list[dict], cfg: DistillConfig, out_dir: str | None = None,
             resume: bool | str = False, eval_data: list[dict] | None = None, eval_every: int = 0,
             save_every: int = 0, progress: bool = True, pad_id: int = 0, cache: str | None = None,
-            teacher_name: str = "teacher", callback=None) -> TrainResult:
-    """Train `student` (its parameters that require grad) towards `teacher` on `data`."""
+            teacher_name: str = "teacher", callback=None, eos_ids=()) -> TrainResult:
+    """Train `student` (its parameters that require grad) towards `teacher` on `data`. eos_ids: the
+    end-of-sequence tokens that end the student's on-policy samples (none: each runs on_policy_tokens)."""
     cfg.validate()
     lcfg = cfg.loss_config()
     if cfg.loss == "ce":
@@ -130,7 +143,7 @@ def distill(student, teacher, data: list[dict], cfg: DistillConfig, out_dir: str
         else:
             loss_fn = distill_loss_fn(teacher, lcfg)
         if cfg.on_policy:
-            loss_fn = on_policy_loss_fn(loss_fn, cfg)
+            loss_fn = on_policy_loss_fn(loss_fn, cfg, eos_ids, pad_id)
     tcfg = TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
                        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup, bf16=cfg.bf16,
                        grad_checkpointing=cfg.grad_checkpointing, eval_every=eval_every, save_every=save_every,

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="offline teacher: cache its top-k log-probs once in OUT/teacher-topk.safetensors")
     p.add_argument("--lmbda", type=float, default=0.0,
                    help="on-policy GKD: share of batches the student samples itself (teacher scores them)")
+    p.add_argument("--lmbda-prompt", type=int, default=16, help="on-policy: prompt tokens kept from each row")
+    p.add_argument("--lmbda-tokens", type=int, default=64,
+                   help="on-policy: tokens the student samples after them (fewer where it ends the sequence)")
     p.add_argument("--seqkd", type=int, default=0, metavar="N",
                    help="sequence-level KD: add N teacher generations (sampled, prompts cut from the data) to the data")
     p.add_argument("--seqkd-prompt", type=int, default=16, help="prompt tokens per generation")
@@ -209,8 +212,8 @@ def run(args) -> int:
                             steps=args.steps, lr=args.lr, scales_lr=args.scales_lr, batch_size=args.batch_size,
                             grad_accum=args.grad_accum, seq_len=args.seq_len, warmup=args.warmup, bf16=args.bf16,
                             grad_checkpointing=args.grad_checkpointing, chunk=args.chunk, topk=args.topk,
-                            on_policy=args.lmbda,
-                            seed=args.seed)
+                            on_policy=args.lmbda, on_policy_prompt=args.lmbda_prompt,
+                            on_policy_tokens=args.lmbda_tokens, seed=args.seed)
     cfg.validate()
     shape = parse_scratch(args.student)
     gen = None
@@ -271,12 +274,15 @@ def run(args) -> int:
         raise LeanLMError("under torchrun, distill trains float students without pruning masks; pruned, "
                           "quantized or ternary students train on one process")
     distributed.shard(student, bf16=args.bf16 and world > 1)
+    topk_file = out / "teacher-topk.safetensors"
+    topk_before = topk_file.stat().st_mtime_ns if args.topk and topk_file.is_file() else None
     t0 = time.perf_counter()
     try:
         res = distill(student, teacher, data, cfg, out_dir=str(out), resume=args.resume, save_every=args.save_every,
                       progress=not (args.no_progress or args.json), pad_id=s_tok.pad_id or 0,
-                      cache=str(out / "teacher-topk.safetensors") if args.topk else None,
-                      teacher_name=str(args.teacher))
+                      cache=str(topk_file) if args.topk else None,
+                      teacher_name=str(args.teacher),
+                      eos_ids=getattr(s_tok, "eos_ids", None) or student.config.eos_token_id or ())
     finally:
         undo()
     took = time.perf_counter() - t0
@@ -293,6 +299,10 @@ def run(args) -> int:
               "last_loss": res.losses[-1] if res.losses else None, **before}
     if generated_from_cache is not None:
         result["generated_from_cache"] = generated_from_cache
+    if args.topk:  # the cache file was there and left as it was: this run read it instead of running the teacher
+        read = topk_before is not None and topk_file.stat().st_mtime_ns == topk_before
+        result["topk_cache"] = "read" if read else "built"
+        result["topk_cache_mb"] = round(topk_file.stat().st_size / 2**20, 2)
     if after is not None:
         result["student_ppl_after"] = after
     result["output"] = str(out / "model")
