@@ -5,6 +5,8 @@
   prefix       time to first token with a prefix-cache hit vs a miss (long shared prompt prefix)
   spec         speculative decoding speed-up and acceptance (prompt lookup, layer skipping, 4-bit draft)
   kv           perplexity against KV-cache budget (StreamingLLM, H2O, Scissorhands-style)
+  compile      the engine eager vs piecewise compiled (Engine(compile=True)) at each --concurrency, in
+               alternating rounds: tokens/s, ratio, identical outputs, and the compile (warm-up) time
 
     python benchmarks/engine_bench.py --threads 1 --sections concurrency,prefix,spec,kv --out bench.json
 """
@@ -32,12 +34,7 @@ def eval_ids(tok, n: int) -> list[int]:
 def bench_concurrency(model, tok, args) -> dict:
     from leanlm.eval.concurrency import bench_concurrency
 
-    ids = eval_ids(tok, 40_000)
-    prompts = []
-    for i in range(args.requests):
-        n = 32 + (i * 37) % 97  # 32..128 tokens
-        s = (i * 1013) % (len(ids) - n)
-        prompts.append(ids[s:s + n])
+    prompts = _concurrency_prompts(tok, args)
 
     def progress(what, i, n):
         if i == n or i % 8 == 0:
@@ -150,6 +147,60 @@ def bench_spec(model, tok, args) -> dict:
     return out
 
 
+def _concurrency_prompts(tok, args) -> list[list[int]]:
+    ids = eval_ids(tok, 40_000)
+    prompts = []
+    for i in range(args.requests):
+        n = 32 + (i * 37) % 97  # 32..128 tokens
+        s = (i * 1013) % (len(ids) - n)
+        prompts.append(ids[s:s + n])
+    return prompts
+
+
+@torch.inference_mode()
+def bench_compile(model, tok, args) -> dict:
+    from leanlm.eval.concurrency import bench_concurrency
+    from leanlm.infer.engine import Engine, SamplingParams
+
+    prompts = _concurrency_prompts(tok, args)
+    conc = tuple(int(c) for c in args.concurrency.split(","))
+    # warm-up: compiles the two pieces (one graph each, for every step size) on steps of several sizes
+    t, cpu = time.perf_counter(), time.process_time()
+    eng = Engine(model, max_batch_tokens=args.batch_tokens, compile=True)
+    eng.generate(prompts[:3], SamplingParams(max_tokens=2, ignore_eos=True))
+    out = {"compile_s": time.perf_counter() - t, "compile_cpu_s": time.process_time() - cpu,
+           "compile_failed": eng.compiled.failed if eng.compiled else "n/a", "rounds": args.rounds, "engine": {}}
+    log(f"  compile + warm-up: {out['compile_s']:.1f}s ({out['compile_cpu_s']:.1f} CPU s in this process)")
+    runs = {(c, v): [] for c in conc for v in ("eager", "compiled")}
+    outs = {}
+    for r in range(args.rounds):  # alternating, so both variants see the same machine load
+        for c in conc:
+            for v in ("eager", "compiled"):
+                cpu = time.process_time()
+                res = bench_concurrency(model, prompts, max_new_tokens=args.new_tokens, concurrency=c,
+                                        sequential=False, engine_kwargs=dict(max_batch_tokens=args.batch_tokens,
+                                                                             compile=v == "compiled"),
+                                        return_outputs=True)
+                cpu = time.process_time() - cpu
+                e = res["engine"][c]
+                # tokens per CPU second as well: on a shared core the wall clock also counts other jobs' time
+                runs[(c, v)].append((e["tokens_per_s"], len(prompts) * args.new_tokens / cpu))
+                outs[(c, v)] = res["outputs"][c]
+                log(f"  round {r} x{c} {v}: {e['tokens_per_s']:.1f} tok/s, {runs[(c, v)][-1][1]:.1f} tok/CPU-s")
+    for c in conc:
+        eager, comp = runs[(c, "eager")], runs[(c, "compiled")]
+        out["engine"][c] = {"eager_tokens_per_s": [a[0] for a in eager],
+                            "compiled_tokens_per_s": [b[0] for b in comp],
+                            "ratio_per_round": [b[0] / a[0] for a, b in zip(eager, comp)],
+                            "eager_tokens_per_cpu_s": [a[1] for a in eager],
+                            "compiled_tokens_per_cpu_s": [b[1] for b in comp],
+                            "cpu_ratio_per_round": [b[1] / a[1] for a, b in zip(eager, comp)],
+                            "identical_outputs": sum(a == b for a, b in zip(outs[(c, "eager")],
+                                                                            outs[(c, "compiled")])),
+                            "requests": len(prompts)}
+    return out
+
+
 def bench_kv(model, tok, args) -> dict:
     from leanlm.infer.kv_evict import evict_perplexity
 
@@ -183,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--spec-rounds", type=int, default=2)
     ap.add_argument("--kv-len", type=int, default=512)
     ap.add_argument("--kv-chunk", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2, help="compile section: alternating eager/compiled rounds")
     ap.add_argument("--out", default=None, help="write the JSON results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -192,7 +244,8 @@ def main(argv=None) -> int:
     model.eval()
     res = {"model": getattr(model, "source", None), "threads": args.threads, "torch": torch.__version__,
            "args": vars(args)}
-    fns = {"concurrency": bench_concurrency, "prefix": bench_prefix, "spec": bench_spec, "kv": bench_kv}
+    fns = {"concurrency": bench_concurrency, "prefix": bench_prefix, "spec": bench_spec, "kv": bench_kv,
+           "compile": bench_compile}
     for sec in args.sections.split(","):
         log(f"[{sec}]")
         t = time.perf_counter()

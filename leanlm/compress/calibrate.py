@@ -25,6 +25,7 @@ import torch.nn as nn
 from leanlm.errors import LeanLMError
 from leanlm.model.layout import block_prefix, blocks
 from leanlm.model.surgery import replace_module
+from leanlm.model.transformer import plain_layout
 
 
 @dataclass
@@ -187,6 +188,7 @@ def _progress(enabled: bool):
 def run_steps(model: nn.Module, steps: list[Step], samples: torch.Tensor | None = None,
               progress: bool = True) -> dict:
     """Apply resolved steps to the model in place, block by block. Returns {"blocks": n, "calibrated": bool}."""
+    plain_layout(model)  # weights row-major again after a generation (see Transformer.plain_layout)
     needs_data = any(s.method.needs_data and s.modules for s in steps)
     nblocks = len(blocks(model))
     prefixes = [block_prefix(i) for i in range(nblocks)]

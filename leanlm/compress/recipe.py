@@ -35,6 +35,7 @@ from leanlm.compress.calibrate import Method, Step, run_steps
 from leanlm.errors import LeanLMError
 from leanlm.model.layout import EMBED, HEAD, all_block_linears, block_pattern
 from leanlm.model.surgery import select_modules
+from leanlm.model.transformer import plain_layout
 from leanlm.options import RESERVED, build_config, method_entry  # noqa: F401  (build_config: recipe's API)
 
 DEFAULT_TARGETS = [block_pattern()]
@@ -229,6 +230,7 @@ def resolve(recipe: Recipe, model) -> list[tuple[Step, object]]:
 def apply_recipe(model, recipe: Recipe, samples=None, progress: bool = True) -> list[Step]:
     """Validate all steps, then run them in order: runs of Method steps share one block-by-block walk."""
     resolved = resolve(recipe, model)
+    plain_layout(model)  # weights row-major again after a generation (see Transformer.plain_layout)
     original = None  # the model before the recipe, for steps that learn from it (distill)
     if any(getattr(how, "wants_original", False) for _, how in resolved):
         import copy

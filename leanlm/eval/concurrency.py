@@ -22,7 +22,8 @@ def _pct(xs: list[float], q: float) -> float:
 def bench_concurrency(model, prompts: list[list[int]] | None = None, max_new_tokens: int = 64,
                       concurrency: int | tuple[int, ...] = (1, 4, 16, 32), sequential: bool = True,
                       engine_kwargs: dict | None = None, progress=None, *, prompt_len: int = 128,
-                      new_tokens: int | None = None, num_requests: int | None = None, seed: int = 0) -> dict:
+                      new_tokens: int | None = None, num_requests: int | None = None, seed: int = 0,
+                      return_outputs: bool = False) -> dict:
     """Generated tokens/s and latency of the engine with N concurrent clients vs one request at a time.
 
     Closed loop: each of N clients sends its next prompt as soon as its previous one finishes.
@@ -33,6 +34,7 @@ def bench_concurrency(model, prompts: list[list[int]] | None = None, max_new_tok
     outputs are identical to the sequential ones. Flat keys (sequential_tokens_per_s,
     x{N}_tokens_per_s, x{N}_speedup, x{N}_latency_p50_s, x{N}_latency_p99_s) summarise it for a table.
     Without prompts: num_requests (default 2 x the largest N) random prompts of prompt_len ids.
+    return_outputs: also {"outputs": {N: the generated ids of each prompt}}.
     """
     from leanlm.infer.engine import Engine, SamplingParams
     from leanlm.infer.generate import generate_tokens
@@ -96,6 +98,8 @@ def bench_concurrency(model, prompts: list[list[int]] | None = None, max_new_tok
             r["speedup"] = r["tokens_per_s"] / out["sequential"]["tokens_per_s"]
             r["identical_outputs"] = sum(got[i] == ref[i] for i in range(len(prompts)))
         out["engine"][n] = r
+        if return_outputs:
+            out.setdefault("outputs", {})[n] = [got[i] for i in range(len(prompts))]
         eng.cache.alloc.check_whole()
     if ref is not None:
         out["sequential_tokens_per_s"] = out["sequential"]["tokens_per_s"]

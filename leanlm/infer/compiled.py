@@ -53,12 +53,14 @@ def compile_disabled_by_env() -> bool:
 
 @functools.cache
 def _code_hash() -> str:
-    """leanlm's model, RoPE and quantized-kernel code and this file: a change makes a new cache."""
+    """leanlm's model, RoPE and quantized-kernel code, this file and the engine's compiled step: a change
+    makes a new cache."""
     from leanlm.compress.quant import qlinear
+    from leanlm.infer import compiled_engine
     from leanlm.model import rope, transformer
 
     h = hashlib.sha256()
-    for mod in (transformer, rope, qlinear, sys.modules[__name__]):
+    for mod in (transformer, rope, qlinear, sys.modules[__name__], compiled_engine):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:12]
 
@@ -92,6 +94,20 @@ def _use_cache_dir() -> Path | None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(d)
     _SET_BY_US.append(str(d))
     return d
+
+
+def clear_cache() -> bool:
+    """Empty leanlm's inductor cache (a corrupt entry must be rebuilt, never trusted) and dynamo's compiled
+    code; False (nothing done) if the cache directory in use is not leanlm's."""
+    d = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
+    if not d.is_dir() or d.parent.name != "compile" or d.parent.parent.name != "leanlm":
+        return False
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return True
 
 
 class StepCache:
@@ -192,15 +208,8 @@ class CompiledDecoder:
         return logits
 
     def _clear_cache(self) -> bool:
-        """Empty leanlm's inductor cache (a corrupt entry must be rebuilt, never trusted); False if not ours."""
-        d = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
-        if not d.is_dir() or d.parent.name != "compile" or d.parent.parent.name != "leanlm":
+        if not clear_cache():
             return False
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True, exist_ok=True)
-        import torch._dynamo
-
-        torch._dynamo.reset()
         self._fn = None
         return True
 

@@ -16,6 +16,7 @@ the accepted ones (leanlm/infer/engine_spec.py); requests with and without it sh
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class Engine:
                  max_batch_tokens: int = 256, max_num_seqs: int = 32, prefix_caching: bool = True,
                  eos_ids: tuple[int, ...] = (), max_model_len: int | None = None, adapters=None,
                  trim_windows: bool = True, attention: str = "blocks", draft=None,
-                 layer_skip: bool | list[int] | None = None):
+                 layer_skip: bool | list[int] | None = None, compile: bool = False):
         from leanlm.infer.generate import fuse_for_inference
         from leanlm.model.layout import HEAD, base_model, embedding
         from leanlm.model.surgery import model_device
@@ -163,6 +164,16 @@ class Engine:
                                block_size=block_size, prefix_caching=prefix_caching, device=self.cache.device,
                                target_cache=self.cache, adapters=adapters)
         self.eos_ids = tuple(eos_ids)
+        # compile: the blocks' non-attention pieces through torch.compile (leanlm/infer/compiled_engine.py)
+        self.compiled = None
+        if compile:
+            from leanlm.infer.compiled_engine import PiecewiseForward, engine_compile_unsupported
+
+            why = engine_compile_unsupported(model, self.cache, adapters, self.virtual)
+            if why is None:
+                self.compiled = PiecewiseForward(model)
+            else:
+                print(f"leanlm: compiled engine step unavailable ({why}); running eagerly", file=sys.stderr)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -387,8 +398,10 @@ class Engine:
         if self.adapters is not None:  # the adapter index of every input token, flat (rows layout: T == 1)
             self.adapters.set_rows(torch.tensor([s.adapter for s, n in batch for _ in range(n)]))
         qi = self.cache.query_index().tolist()
-        hidden = self.model(**self._inputs(ids), cache=self.cache, return_hidden=True)
-        hidden = hidden.reshape(B * T, -1)
+        if self.compiled is not None:
+            hidden = self.compiled.forward(self._inputs(ids), self.cache)
+        else:
+            hidden = self.model(**self._inputs(ids), cache=self.cache, return_hidden=True).reshape(B * T, -1)
         self.stats["steps"] += 1
         self.stats["batch_tokens"] += sum(n for _, n in batch)
         outs = []

@@ -193,11 +193,11 @@ def fused_weight(owner: nn.Module, name: str, mods: tuple):
     return fn
 
 
-def fuse_linears(owner: nn.Module, name: str, mods: tuple) -> bool:
+def fuse_linears(owner: nn.Module, name: str, mods: tuple, column_major: bool = False) -> bool:
     """One matmul for layers that read the same input. nn.Linear weights are concatenated into one matrix
     and the modules' weights become views of it (memory unchanged, state_dict keeps transformers'
     names); quantized layers of one format (a class with a `fused(mods)` constructor) get one fused
-    packed kernel."""
+    packed kernel. column_major: store the concatenated weight column-major where `column_major_pays`."""
     if name in owner.__dict__ and fused_weight(owner, name, mods) is not None:
         return True  # already fused and still valid
     kind = type(mods[0])
@@ -206,7 +206,7 @@ def fuse_linears(owner: nn.Module, name: str, mods: tuple) -> bool:
     if kind is nn.Linear:
         if len({m.weight.dtype for m in mods}) != 1:
             return False
-        fn = _fuse_dense(mods)
+        fn = _fuse_dense(mods, column_major)
     elif hasattr(kind, "fused"):
         fn = kind.fused(mods)
         if fn is None:
@@ -218,10 +218,48 @@ def fuse_linears(owner: nn.Module, name: str, mods: tuple) -> bool:
     return True
 
 
-def _fuse_dense(mods: tuple) -> _FusedLinear:
+def column_major_pays(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a weight [out, in] multiplies a few rows faster stored column-major (strides (1, out)).
+
+    Measured (benchmarks/matvec_layout.py, docs/bench/decode.md): on CPU, PyTorch's fp32 product of one row
+    with a row-major weight (MKL's NT sgemm: a dot product per output) reads the weight at ~7 GB/s on this
+    machine kind; over a column-major weight (NN sgemm) it reads 10-13 GB/s when the matrix has more
+    outputs than inputs (fused q/k/v, fused gate/up, the output head). For square and narrow shapes
+    (o_proj, down_proj), and in bf16, the row-major layout is as fast or faster."""
+    return dtype == torch.float32 and device.type == "cpu" and out_features > in_features
+
+
+def is_column_major(w: torch.Tensor) -> bool:
+    return w.dim() == 2 and w.shape[0] > 1 and w.stride() == (1, w.shape[0])
+
+
+def set_matvec_layout(p: nn.Parameter, column_major: bool) -> None:
+    """Store a 2-D parameter column-major or row-major, in place: the same Parameter object (ties and
+    optimizers keep it), the same values; one copy made, the old storage freed."""
+    if p.is_meta or is_column_major(p) == column_major:
+        return
+    # the new tensor of the parameter's own kind (an inference tensor only if the model was built in inference mode)
+    with torch.inference_mode(p.is_inference()), torch.no_grad():
+        p.data = p.data.t().contiguous().t() if column_major else p.data.contiguous()
+
+
+def plain_layout(model) -> None:
+    """Transformer.plain_layout on a model, or on the Transformer under a PEFT wrapper (others: a no-op)."""
+    target = getattr(model, "base_model", model)
+    if hasattr(target, "plain_layout"):
+        target.plain_layout()
+
+
+def _fuse_dense(mods: tuple, column_major: bool) -> _FusedLinear:
     # Outside inference mode even when called from generation, so the weights stay usable for training.
     with torch.inference_mode(False), torch.no_grad():
-        w = torch.cat([m.weight for m in mods])
+        w0 = mods[0].weight
+        if column_major and column_major_pays(sum(m.out_features for m in mods), w0.shape[1], w0.dtype, w0.device):
+            # the [in, out] transposes side by side, seen as [out, in] with strides (1, out): each module's
+            # rows are still a view (strided), nothing is copied twice
+            w = torch.cat([m.weight.t() for m in mods], dim=1).t()
+        else:
+            w = torch.cat([m.weight for m in mods])
         has_bias = [m.bias is not None for m in mods]
         b = None
         if any(has_bias):
@@ -253,6 +291,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_plus_one)
 
     def forward(self, x, cos, sin, mask, cache):
+        q, k, v = self.qkv(x, cos, sin)
+        return self.out(self.core(q, k, v, mask, cache))
+
+    def qkv(self, x, cos, sin):
+        """Queries, keys and values [B, heads, T, head_dim] of x [B, T, hidden], RoPE applied."""
         B, T, _ = x.shape
         fused = fused_weight(self, "_qkv", (self.q_proj, self.k_proj, self.v_proj))
         if fused is not None and not hasattr(self, "q_norm"):
@@ -262,14 +305,20 @@ class Attention(nn.Module):
             qk = apply_rope(y[..., : nq + nk].view(B, T, self.nh + self.nkv, self.hd).transpose(1, 2), cos, sin)
             q, k = qk[:, : self.nh], qk[:, self.nh:]
             v = y[..., nq + nk:].view(B, T, self.nkv, self.hd).transpose(1, 2)
-        else:
-            q, k, v = self._qkv_unfused(x, cos, sin)
+            return q, k, v
+        return self._qkv_unfused(x, cos, sin)
+
+    def core(self, q, k, v, mask, cache):
+        """Attention proper (through the cache): the output [B, heads, T, head_dim]."""
         if cache is not None and getattr(cache, "blockwise", False):
-            y = cache.attend(self.layer, q, k, v, self.scale, self.softcap)  # reads K/V where they lie
-        else:
-            if cache is not None:
-                k, v = cache.update(self.layer, k, v)
-            y = attention(q, k, v, mask, self.scale, self.softcap)
+            return cache.attend(self.layer, q, k, v, self.scale, self.softcap)  # reads K/V where they lie
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        return attention(q, k, v, mask, self.scale, self.softcap)
+
+    def out(self, y):
+        """The output projection of the attention output y [B, heads, T, head_dim] -> [B, T, hidden]."""
+        B, _, T, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
     def _qkv_unfused(self, x, cos, sin):
@@ -338,13 +387,29 @@ class Block(nn.Module):
             cos, sin = cos[self.local], sin[self.local]
         if isinstance(mask, dict):
             mask = mask[self.window]
+        return self.after_attention(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+
+    # The block in three pieces (forward = attn_in, attn_core, attn_out): the engine's compiled path
+    # compiles the first and the last and runs attention over the paged cache eagerly between them.
+    def attn_in(self, x, cos, sin):
+        """Normed x's queries, keys and values [B, heads, T, head_dim] (cos/sin: this block's own)."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def attn_core(self, q, k, v, mask, cache):
+        return self.self_attn.core(q, k, v, mask, cache)
+
+    def attn_out(self, x, y):
+        """The block's output from its input x and the attention output y [B, heads, T, head_dim]."""
+        return self.after_attention(x, self.self_attn.out(y))
+
+    def after_attention(self, x, a):
+        """Everything after the attention branch's output a [B, T, hidden]: norms, residuals, the MLP."""
         gated = self.gated
         if self.post_norms:
-            a = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            a = self.post_attention_layernorm(a)
             x = x + (self.attn_gate * a if gated else a)
             m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
             return x + (self.mlp_gate * m if gated else m)
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + (self.attn_gate * a if gated else a)
         m = self.mlp(self.post_attention_layernorm(x))
         return x + (self.mlp_gate * m if gated else m)
@@ -482,16 +547,43 @@ class Transformer(nn.Module):
         self.config = dataclasses.replace(self.config, residual_gates=False)
         return self
 
+    # fuse_projections stores fp32 CPU weights with more outputs than inputs column-major, where one-row
+    # matmuls run faster (column_major_pays); False (on the class or one model) keeps every weight row-major.
+    column_major_matvec = True
+
     def fuse_projections(self) -> "Transformer":
-        """Inference speed-up: q/k/v and gate/up each run as one matmul. Weights are shared, not copied;
-        any later module swap (LoRA, quantization), training or dtype change falls back to the plain path.
-        Call it again after such a change to re-fuse."""
+        """Inference speed-up: q/k/v and gate/up each run as one matmul, and wide fp32 weights (those two and
+        the output head, tied or not) are stored column-major where that runs faster (column_major_pays).
+        Weights are shared or moved, never copied (memory unchanged); any later module swap (LoRA,
+        quantization), training or dtype change falls back to the plain path. Call it again after such a
+        change to re-fuse."""
+        col = self.column_major_matvec
         for layer in self.model.layers:
             a = layer.self_attn
-            fuse_linears(a, "_qkv", (a.q_proj, a.k_proj, a.v_proj))
+            fuse_linears(a, "_qkv", (a.q_proj, a.k_proj, a.v_proj), col)
             for m in layer.modules():  # the MLP, or each expert of a MoE block
                 if isinstance(m, MLP):
-                    fuse_linears(m, "_gate_up", (m.gate_proj, m.up_proj))
+                    fuse_linears(m, "_gate_up", (m.gate_proj, m.up_proj), col)
+        head = self.lm_head
+        if type(head) is nn.Linear and not head.weight.is_meta:
+            w = head.weight  # the embedding's own Parameter when tied: it reads strided rows, a negligible cost
+            set_matvec_layout(w, col and column_major_pays(w.shape[0], w.shape[1], w.dtype, w.device))
+        return self
+
+    def plain_layout(self) -> "Transformer":
+        """Undo fuse_projections' column-major layout: every weight row-major and contiguous again (the same
+        Parameter objects; each fused weight is dropped, so memory is unchanged). Transforms that reshape
+        weights (quantization, pruning, adapters) call it first: a `.view` of a column-major weight, or of
+        a tensor computed from one (elementwise results keep its layout), fails. The next generation re-fuses."""
+        for m in self.modules():
+            for name in ("_qkv", "_gate_up"):
+                rec = m.__dict__.get(name)
+                if rec is not None and isinstance(rec[0], _FusedLinear) and not rec[0].w.is_contiguous():
+                    del m.__dict__[name]
+        for p in self.parameters():
+            if p.dim() == 2 and not p.is_contiguous() and not p.is_meta:
+                with torch.inference_mode(p.is_inference()), torch.no_grad():
+                    p.data = p.data.contiguous()
         return self
 
     def new_cache(self, batch: int, max_len: int, valid: torch.Tensor | None = None) -> KVCache:

@@ -7,6 +7,7 @@ the model, so always use the returned model. Adapters save and load in HF peft's
 """
 from __future__ import annotations
 
+from leanlm.model.transformer import plain_layout
 from leanlm.peft.ia3 import IA3Config, IA3Linear, apply_ia3
 from leanlm.peft.io import load_adapter, save_adapter
 from leanlm.peft.lora import (DoraConfig, LoraConfig, LoraFAConfig, LoraLinear, apply_lora, merge_lora,
@@ -34,6 +35,7 @@ def apply(model, method: str, **options):
     from leanlm.options import method_config
 
     cfg, fn = method_config(METHODS, method, options, "fine-tuning method")
+    plain_layout(model)  # weights row-major again after a generation (see Transformer.plain_layout)
     return fn(model, cfg)
 
 

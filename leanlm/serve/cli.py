@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                 "at most 1 GiB)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt blocks between requests")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="engine steps through torch.compile: each block's pieces before and after attention, one "
+                        "graph for every step size; attention over the paged cache stays eager (default: off; "
+                        "the first step compiles, which takes minutes on 2 cores)")
     g = p.add_argument_group("LoRA adapters by name (requests pick one with \"model\": NAME)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve this LoRA adapter folder under NAME (repeat for more); one batch mixes adapters")
@@ -87,7 +91,8 @@ def make_server(model, tokenizer, args, draft=None) -> tuple:
                  max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
                  prefix_caching=not args.no_prefix_caching, eos_ids=tuple(tokenizer.eos_ids),
                  max_model_len=args.max_model_len, adapters=pool, draft=draft,
-                 layer_skip=_layer_skip(getattr(args, "layer_skip", None)))
+                 layer_skip=_layer_skip(getattr(args, "layer_skip", None)),
+                 compile=bool(getattr(args, "compile", False)))
     aeng = AsyncEngine(eng, Limits(args.max_pending, args.max_pending_tokens))
     app = build_app(aeng, tokenizer, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                     request_timeout=args.request_timeout, max_choices=args.max_choices, loras=reg)
