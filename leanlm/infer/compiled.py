@@ -56,12 +56,13 @@ def _code_hash() -> str:
     """leanlm's model, RoPE and quantized-kernel code, this file and the engine's compiled step: a change
     makes a new cache."""
     from leanlm.compress.quant import qlinear
-    from leanlm.infer import compiled_engine
     from leanlm.model import rope, transformer
 
     h = hashlib.sha256()
-    for mod in (transformer, rope, qlinear, sys.modules[__name__], compiled_engine):
-        h.update(Path(mod.__file__).read_bytes())
+    # the engine's compiled step is read as a file, not imported: it imports this module
+    for path in (transformer.__file__, rope.__file__, qlinear.__file__, __file__,
+                 Path(__file__).with_name("compiled_engine.py")):
+        h.update(Path(path).read_bytes())
     return h.hexdigest()[:12]
 
 
