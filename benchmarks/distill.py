@@ -46,10 +46,10 @@ def job(a) -> dict:
     def ppl(m):
         return perplexity(m, tok, text, ctx=512, stride=512, progress=False)["perplexity"]
 
-    out = {"recipe": a.recipe, "loss": a.loss, "threads": a.threads}
+    out = {"recipe": a.recipe, "loss": a.loss, "threads": a.threads, "calib": a.calib}
     out["ppl_fp32"] = ppl(model)
     original = copy.deepcopy(model).eval()
-    samples = calibration_samples(tok, a.samples, a.seq_len, path="packaged:prose", seed=0)
+    samples = calibration_samples(tok, a.samples, a.seq_len, path=a.calib, seed=0)
     t0 = time.perf_counter()
     apply_recipe(model, load_recipe(a.recipe), samples, progress=False)
     out["compress_s"] = time.perf_counter() - t0
@@ -87,7 +87,7 @@ def many(a) -> int:
     base = [sys.executable, os.path.abspath(__file__), "job", "--budget-s", str(a.budget_s), "--steps", str(a.steps),
             "--threads", str(a.threads), "--eval-chars", str(a.eval_chars), "--batch", str(a.batch),
             "--seq-len", str(a.seq_len), "--samples", str(a.samples), "--lr", str(a.lr),
-            "--scales-lr", str(a.scales_lr), "--ternary-lr", str(a.ternary_lr)]
+            "--scales-lr", str(a.scales_lr), "--ternary-lr", str(a.ternary_lr), "--calib", a.calib]
     base += ["--model", a.model] if a.model else []
     for i, (recipe, loss) in enumerate(jobs):
         cores = ",".join(str(i * a.threads + c) for c in range(a.threads))
@@ -131,6 +131,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--calib", default="packaged:prose",
+                   help="calibration and distillation text (packaged:prose keeps the runs comparable with earlier ones)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-chars", type=int, default=20000)
