@@ -134,6 +134,7 @@ def test_corrupt_compile_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
     from torch._inductor.utils import clear_inductor_caches
 
     monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # a user's own cache dir would win over leanlm's
     torch._dynamo.reset()
     clear_inductor_caches()
     hf = tiny_hf("llama", seed=17)
