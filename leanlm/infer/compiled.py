@@ -215,9 +215,14 @@ class CompiledDecoder:
         return True
 
     def fail(self, e: BaseException) -> None:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        self.failed = f"{type(e).__name__}: {first}"
+        self.failed = failure_summary(e)
         print(f"leanlm: compiled decode unavailable ({self.failed}); decoding eagerly", file=sys.stderr)
+
+
+def failure_summary(e: BaseException) -> str:
+    """One line saying why compiling failed: the exception type and its first line."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return f"{type(e).__name__}: {first}"
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -150,6 +150,5 @@ class PiecewiseForward:
         return True
 
     def fail(self, e: BaseException) -> None:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        self.failed = f"{type(e).__name__}: {first}"
+        self.failed = compiled.failure_summary(e)
         print(f"leanlm: compiled engine step unavailable ({self.failed}); running eagerly", file=sys.stderr)
